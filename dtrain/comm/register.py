@@ -1,0 +1,93 @@
+"""The two-line path for existing DDP code: ``register_dgc(ddp_model, optimizer)``."""
+
+import logging
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dtrain.comm.dgc import DGCState, dgc_hook
+
+__all__ = ["register_dgc", "unwrap_ddp"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    """The DDP module behind ``model`` (unwrapping ``torch.compile``), or TypeError."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    if not isinstance(inner, DistributedDataParallel):
+        raise TypeError(f"DGC needs a DistributedDataParallel model, got {type(inner).__name__}: "
+                        f"wrap it first, e.g. DistributedDataParallel(model)")
+    return inner
+
+
+def _momentum_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+    """Hook momentum and Nesterov taken from the optimizer (SGD: moved, others: 0)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        kind = type(optimizer).__name__
+        logger.info("DGC: %s keeps its own moment estimates; hook momentum is 0 "
+                    "(error feedback only)", kind)
+        return 0.0, False
+    groups = optimizer.param_groups
+    momenta = {float(g["momentum"]) for g in groups}
+    nesterovs = {bool(g["nesterov"]) for g in groups}
+    dampenings = {float(g["dampening"]) for g in groups}
+    if len(momenta) > 1 or len(nesterovs) > 1:
+        raise ValueError(f"DGC applies one momentum to every parameter, but the SGD param groups "
+                         f"have momentum {sorted(momenta)} / nesterov {sorted(nesterovs)}: "
+                         f"use one value in all groups")
+    if dampenings != {0.0}:
+        raise ValueError(f"DGC's momentum correction has no dampening, but SGD has dampening "
+                         f"{sorted(dampenings)}: set dampening=0")
+    momentum, nesterov = momenta.pop(), nesterovs.pop()
+    for g in groups:  # momentum now lives in the hook: it must not be applied twice
+        g["momentum"] = 0.0
+        g["nesterov"] = False
+    optimizer.defaults["momentum"] = 0.0
+    optimizer.defaults["nesterov"] = False
+    logger.info("DGC: moved SGD momentum %g (nesterov=%s) into the hook; optimizer momentum "
+                "set to 0", momentum, nesterov)
+    return momentum, nesterov
+
+
+def register_dgc(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 grad_scaler: Any = None, **dgc_kwargs: Any) -> DGCState:
+    """Register the DGC hook on ``ddp_model`` and move the optimizer's momentum into it.
+
+    Args:
+        ddp_model: a ``DistributedDataParallel`` model (or ``torch.compile`` of one) without a
+            communication hook.
+        optimizer: the model's optimizer. SGD: its momentum and Nesterov flag move into the hook
+            and its own momentum becomes 0. Adam/AdamW and others: hook momentum 0.
+        grad_scaler: a ``torch.amp.GradScaler`` used with this model, so that residuals follow
+            loss-scale changes and clipping works in unscaled units.
+        **dgc_kwargs: the other :class:`DGCState` arguments (density, clip_norm, ...).
+
+    Returns:
+        The registered :class:`DGCState` (save its ``state_dict()`` per rank).
+
+    Example::
+        >>> ddp = DistributedDataParallel(model)
+        >>> opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        >>> state = register_dgc(ddp, opt, density=0.001)
+    """
+    ddp = unwrap_ddp(ddp_model)
+    for key in ("momentum", "nesterov"):
+        if key in dgc_kwargs:
+            raise TypeError(f"register_dgc takes {key} from the optimizer; set it there "
+                            f"(or build DGCState yourself)")
+    if ddp._comm_hooks:
+        raise RuntimeError("this DDP model already has a communication hook; DDP allows one: "
+                           "register DGC on a freshly built DDP model")
+    momentum, nesterov = _momentum_from(optimizer)
+    dgc_kwargs.setdefault("process_group", ddp.process_group)
+    state = DGCState(momentum=momentum, nesterov=nesterov, **dgc_kwargs)
+    state.grad_scaler = grad_scaler
+    state.attach(ddp.module.named_parameters())
+    try:
+        ddp.register_comm_hook(state, dgc_hook)
+    except RuntimeError as e:  # a built-in hook is not listed in _comm_hooks
+        raise RuntimeError(f"this DDP model already has a communication hook ({e})") from None
+    logger.info("DGC: hook registered on %d parameters", len(state._names))
+    return state

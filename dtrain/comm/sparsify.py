@@ -1,0 +1,161 @@
+"""The per-parameter math of Deep Gradient Compression, as small pure functions.
+
+Everything here works on one flat tensor and knows nothing about processes, buckets or DDP, so
+each step of ``shared/DGC.md`` can be unit-tested on its own. :mod:`dtrain.comm.dgc` strings them
+together inside the communication hook.
+"""
+
+import math
+
+import torch
+
+__all__ = [
+    "clip_coefficient",
+    "momentum_correction",
+    "num_selected",
+    "select_exact",
+    "select_sampled",
+    "select_topk",
+    "warmup_density",
+]
+
+# Selection works on blocks of this many consecutive elements: one pass computes each block's
+# largest magnitude, and only blocks that can hold a selected entry are looked at again. 64 keeps
+# the block-max tensor small (n/64) while candidate blocks stay a few percent of the tensor at the
+# densities DGC uses.
+BLOCK = 64
+# The sampled threshold aims this much above k, so that the first pass usually finds >= k entries
+# (a cheap truncation) instead of < k (a retry).
+_OVERSHOOT = 1.1
+# Minimum expected number of sampled entries above the threshold: below this the estimate is too
+# noisy to be useful, so the sample is enlarged (or exact selection is used on small tensors).
+_MIN_SAMPLE_HITS = 64
+# How often the threshold is lowered when fewer than k entries pass, before padding.
+MAX_RETRIES = 3
+
+
+def warmup_density(step: int, *, density: float, start_iter: int, warmup_steps: int,
+                   warmup_stages: int) -> float:
+    """Density d(t) of DGC.md's exponential warm-up.
+
+    Steps before ``start_iter`` are dense (1.0). For ``start_iter <= t < start_iter +
+    warmup_steps`` the density falls in ``warmup_stages`` equal stages, stage i using
+    ``max(density, 0.25 ** (i + 1))``; afterwards it is ``density``.
+    """
+    if step < start_iter:
+        return 1.0
+    t = step - start_iter
+    if t >= warmup_steps:
+        return density
+    stage = t * warmup_stages // warmup_steps
+    return max(density, 0.25 ** (stage + 1))
+
+
+def num_selected(numel: int, density: float) -> int:
+    """k = max(1, ceil(d * numel)), never more than numel."""
+    # round() first: 0.001 * 1000 is 1.0000000000000002 in binary floating point.
+    return min(numel, max(1, math.ceil(round(density * numel, 6))))
+
+
+def clip_coefficient(grad: torch.Tensor, clip_norm: float, world_size: int) -> torch.Tensor:
+    """Local clipping factor ``min(1, C * N^-1/2 / ||g||)`` as a 0-d tensor (no host sync)."""
+    limit = clip_norm / math.sqrt(world_size)
+    norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+    return torch.clamp(limit / (norm + 1e-12), max=1.0).to(grad.dtype)
+
+
+def momentum_correction(grad: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor, *,
+                        momentum: float, nesterov: bool, u_out: torch.Tensor | None,
+                        v_out: torch.Tensor) -> None:
+    """Momentum correction, written to ``u_out``/``v_out`` (the inputs are left untouched).
+
+    ``u' = m*u + g``; ``v' = v + u'`` (Nesterov: ``v' = v + g + m*u'``). With ``momentum == 0``
+    there is no ``u`` and ``v' = v + g``. Writing to separate outputs lets the caller commit the
+    update only once every rank is known to be finite.
+    """
+    if momentum == 0.0:
+        torch.add(v, grad, out=v_out)
+        return
+    assert u is not None and u_out is not None
+    torch.add(grad, u, alpha=momentum, out=u_out)
+    if nesterov:
+        torch.add(v, grad, out=v_out)
+        v_out.add_(u_out, alpha=momentum)
+    else:
+        torch.add(v, u_out, out=v_out)
+
+
+def select_exact(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64) of the k entries of largest magnitude."""
+    if k >= v.numel():
+        return torch.arange(v.numel(), device=v.device)
+    return torch.topk(v.abs(), k, sorted=False).indices
+
+
+def _sample_thresholds(v: torch.Tensor, k: int, num_samples: int, start: int) -> list[float]:
+    """Threshold estimates for ~1.1k, 2.2k, 4.4k, ... entries from a strided sample of |v|."""
+    n = v.numel()
+    stride = max(1, n // num_samples)
+    sample = v[start % stride::stride].abs()
+    m = sample.numel()
+    rank = max(1, math.ceil(_OVERSHOOT * k * m / n))
+    ranks = [min(m, rank << i) for i in range(MAX_RETRIES + 1)]
+    top = torch.topk(sample, ranks[-1], sorted=True).values
+    return top[torch.tensor(ranks, device=v.device) - 1].tolist()
+
+
+def _above(x: torch.Tensor, thr: float) -> torch.Tensor:
+    # A zero (or negative) threshold would select every zero entry; those carry nothing.
+    return x > 0 if thr <= 0 else x >= thr
+
+
+def select_sampled(v: torch.Tensor, k: int, *, sample_ratio: float, start: int = 0) -> torch.Tensor:
+    """Indices (int64, at most k) of large-magnitude entries via a sampled threshold.
+
+    DGC.md step 3: the threshold is estimated from a strided sample of ``|v|`` (at least
+    ``sample_ratio * numel`` entries, starting at ``start % stride``); entries with ``|v| >= thr``
+    are selected; if more than k pass the k largest of them are kept; if fewer, the threshold is
+    lowered (to the sample's estimate for twice as many entries) up to :data:`MAX_RETRIES` times.
+    May return fewer than k indices; the caller pads. Never selects an entry equal to zero.
+
+    The full tensor is read once (block maxima); only blocks whose maximum passes the threshold are
+    read again, so a retry costs little.
+    """
+    n = v.numel()
+    if k >= n:
+        return torch.arange(n, device=v.device)
+    num_samples = max(math.ceil(sample_ratio * n), math.ceil(_MIN_SAMPLE_HITS * n / k))
+    if 2 * num_samples >= n:  # a sample this large costs as much as exact selection
+        return select_exact(v, k)
+    thresholds = _sample_thresholds(v, k, num_samples, start)
+
+    nb = n // BLOCK
+    head = v[: nb * BLOCK].view(nb, BLOCK)
+    tail = v[nb * BLOCK:]
+    # amax and amin separately: several times faster on CPU than aminmax or abs().amax().
+    block_max = torch.maximum(head.amax(dim=1), head.amin(dim=1).neg_())
+    tail_abs = tail.abs()
+
+    picked = torch.empty(0, dtype=torch.long, device=v.device)
+    for thr in thresholds:
+        blocks = torch.nonzero(_above(block_max, thr)).view(-1)
+        rows = head.index_select(0, blocks).abs_()
+        r, c = torch.nonzero(_above(rows, thr), as_tuple=True)
+        picked = blocks[r] * BLOCK + c
+        t = torch.nonzero(_above(tail_abs, thr)).view(-1)
+        if t.numel():
+            picked = torch.cat([picked, t + nb * BLOCK])
+        if picked.numel() >= k:
+            break
+    if picked.numel() > k:
+        keep = torch.topk(v[picked].abs(), k, sorted=False).indices
+        picked = picked[keep]
+    return picked
+
+
+def select_topk(v: torch.Tensor, k: int, *, exact: bool, sample_ratio: float,
+                start: int = 0) -> torch.Tensor:
+    """Dispatch to :func:`select_exact` or :func:`select_sampled`."""
+    if exact:
+        return select_exact(v, k)
+    return select_sampled(v, k, sample_ratio=sample_ratio, start=start)
