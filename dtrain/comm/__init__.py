@@ -10,5 +10,12 @@ from dtrain.comm.baselines import HOOKS, make_hook, powersgd_waiting_hook
 from dtrain.comm.dgc import DGCState, dgc_hook
 from dtrain.comm.register import register_dgc, unwrap_ddp
 
-__all__ = ["HOOKS", "DGCState", "dgc_hook", "make_hook", "powersgd_waiting_hook", "register_dgc",
-           "unwrap_ddp"]
+__all__ = [
+    "HOOKS",
+    "DGCState",
+    "dgc_hook",
+    "make_hook",
+    "powersgd_waiting_hook",
+    "register_dgc",
+    "unwrap_ddp",
+]

@@ -19,8 +19,9 @@ __all__ = ["HOOKS", "make_hook", "powersgd_waiting_hook"]
 HOOKS = ("allreduce", "fp16", "powersgd", "dgc")
 
 
-def powersgd_waiting_hook(state: powerSGD_hook.PowerSGDState,
-                          bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def powersgd_waiting_hook(
+    state: powerSGD_hook.PowerSGDState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
     """PyTorch's PowerSGD hook, completed bucket by bucket (for gloo).
 
     PowerSGD starts its second and third collectives inside ``Future.then`` callbacks; gloo runs
@@ -34,8 +35,9 @@ def powersgd_waiting_hook(state: powerSGD_hook.PowerSGDState,
     return fut
 
 
-def make_hook(name: str, process_group: dist.ProcessGroup | None = None,
-              **kwargs: Any) -> tuple[Any, Callable]:
+def make_hook(
+    name: str, process_group: dist.ProcessGroup | None = None, **kwargs: Any
+) -> tuple[Any, Callable]:
     """``(state, hook)`` for ``ddp_model.register_comm_hook(state, hook)``.
 
     Args:

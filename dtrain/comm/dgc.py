@@ -60,8 +60,9 @@ class _Pending:
 
     __slots__ = ("sent", "state", "swap_u", "swap_v")
 
-    def __init__(self, state: _ParamState, sent: torch.Tensor | None, swap_u: bool,
-                 swap_v: bool) -> None:
+    def __init__(
+        self, state: _ParamState, sent: torch.Tensor | None, swap_u: bool, swap_v: bool
+    ) -> None:
         self.state, self.sent, self.swap_u, self.swap_v = state, sent, swap_u, swap_v
 
 
@@ -111,8 +112,10 @@ class DGCState:
         _check_int("warmup_stages", warmup_stages, 1)
         _check_int("min_compress_numel", min_compress_numel, 1)
         if value_dtype not in _VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of torch.float32, torch.float16, "
-                             f"torch.bfloat16, got {value_dtype!r}")
+            raise ValueError(
+                f"value_dtype must be one of torch.float32, torch.float16, "
+                f"torch.bfloat16, got {value_dtype!r}"
+            )
         if nesterov and momentum == 0.0:
             raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
 
@@ -153,9 +156,20 @@ class DGCState:
         logger.info(
             "DGC: density=%g momentum=%g nesterov=%s masking=%s clip_norm=%s start_iter=%d "
             "warmup_steps=%d/%d stages exact_topk=%s sample_ratio=%g min_compress_numel=%d "
-            "values=%s", self.density, self.momentum, self.nesterov, self.momentum_masking,
-            self.clip_norm, start_iter, warmup_steps, warmup_stages, self.exact_topk,
-            self.sample_ratio, min_compress_numel, _VALUE_DTYPES[value_dtype])
+            "values=%s",
+            self.density,
+            self.momentum,
+            self.nesterov,
+            self.momentum_masking,
+            self.clip_norm,
+            start_iter,
+            warmup_steps,
+            warmup_stages,
+            self.exact_topk,
+            self.sample_ratio,
+            min_compress_numel,
+            _VALUE_DTYPES[value_dtype],
+        )
 
     # ------------------------------------------------------------------ configuration helpers
     def attach(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -170,9 +184,13 @@ class DGCState:
 
     def density_at(self, step: int) -> float:
         """d(t): the density used at synchronised step ``step`` (warm-up included)."""
-        return sparsify.warmup_density(step, density=self.density, start_iter=self.start_iter,
-                                       warmup_steps=self.warmup_steps,
-                                       warmup_stages=self.warmup_stages)
+        return sparsify.warmup_density(
+            step,
+            density=self.density,
+            start_iter=self.start_iter,
+            warmup_steps=self.warmup_steps,
+            warmup_stages=self.warmup_stages,
+        )
 
     def _group_size_rank(self) -> tuple[int, int]:
         return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
@@ -209,8 +227,11 @@ class DGCState:
         pending, self._pending = self._pending, []
         if self._step_bad:
             self.skipped_steps += 1
-            logger.warning("DGC: non-finite gradient at step %d on some rank; step skipped, "
-                           "momentum and residuals unchanged", self.iter - 1)
+            logger.warning(
+                "DGC: non-finite gradient at step %d on some rank; step skipped, "
+                "momentum and residuals unchanged",
+                self.iter - 1,
+            )
         else:
             for job in pending:
                 st = job.state
@@ -262,8 +283,10 @@ class DGCState:
         """
         self._finish_step()
         if self._params and not self._names:
-            raise RuntimeError("DGCState.state_dict() needs parameter names: call "
-                               "state.attach(model.named_parameters()) (register_dgc does)")
+            raise RuntimeError(
+                "DGCState.state_dict() needs parameter names: call "
+                "state.attach(model.named_parameters()) (register_dgc does)"
+            )
         params: dict[str, dict[str, torch.Tensor]] = {}
         for p, st in self._params.items():
             entry = {k: t for k, t in (("u", st.u), ("v", st.v)) if t is not None}
@@ -287,14 +310,17 @@ class DGCState:
         if dist.is_initialized():
             world, _ = self._group_size_rank()
             if state["world_size"] != world:
-                raise ValueError(f"DGC state was saved with world size {state['world_size']}, "
-                                 f"this job has {world}: residuals belong to ranks and cannot "
-                                 f"be redistributed")
+                raise ValueError(
+                    f"DGC state was saved with world size {state['world_size']}, "
+                    f"this job has {world}: residuals belong to ranks and cannot "
+                    f"be redistributed"
+                )
         self.iter = int(state["iter"])
         self._scale = None if state["scale"] < 0 else float(state["scale"])
         self.skipped_steps = int(state["skipped_steps"])
-        self._total = _StepStats(sent=int(state["bytes_sent_total"]),
-                                 dense=int(state["dense_bytes_total"]))
+        self._total = _StepStats(
+            sent=int(state["bytes_sent_total"]), dense=int(state["dense_bytes_total"])
+        )
         self._pending, self._step_bad, self._step_open = [], False, False
         self._params.clear()
         self._loaded = {name: dict(entry) for name, entry in state["params"].items()}
@@ -303,13 +329,17 @@ class DGCState:
     def _apply_loaded(self) -> None:
         for p, name in self._names.items():
             if name in self._loaded:
-                _load_into(self._params.setdefault(p, _ParamState()), self._loaded.pop(name),
-                           p.device)
+                _load_into(
+                    self._params.setdefault(p, _ParamState()), self._loaded.pop(name), p.device
+                )
 
     def __getstate__(self) -> dict[str, Any]:
         # The process group and the lock cannot be pickled; the scaler belongs to the caller.
-        d = {k: v for k, v in self.__dict__.items()
-             if k not in ("process_group", "_lock", "grad_scaler")}
+        d = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("process_group", "_lock", "grad_scaler")
+        }
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -337,12 +367,21 @@ def _load_into(st: _ParamState, entry: dict[str, torch.Tensor], device: torch.de
     st.u_next = st.v_next = None
 
 
-def _check_range(name: str, value: float, low: float, high: float, allowed: str, *,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def _check_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    allowed: str,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
         ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high)
+            value < high if high_open else value <= high
+        )
     if not ok:
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
 
@@ -417,10 +456,11 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         total_k = sum(ks)
         vdt = state.value_dtype
         val_words = -(-total_k * torch.empty((), dtype=vdt).element_size() // 4)
-        payload = torch.zeros(total_k + _FLAG_WORDS + val_words, dtype=torch.int32,
-                              device=buf.device)
+        payload = torch.zeros(
+            total_k + _FLAG_WORDS + val_words, dtype=torch.int32, device=buf.device
+        )
         p_idx = payload[:total_k]
-        p_val = payload[total_k + _FLAG_WORDS:].view(vdt)[:total_k]
+        p_val = payload[total_k + _FLAG_WORDS :].view(vdt)[:total_k]
         # Whole-bucket check (one read pass); the flag travels with the payload.
         payload[total_k] = (~torch.isfinite(buf.sum(dtype=torch.float32))).to(torch.int32)
         clip = state.clip_norm
@@ -429,37 +469,43 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         t0 = time.perf_counter()
         pos = 0
         for p, o, n, k in comp_items:
-            g = buf[o:o + n]
+            g = buf[o : o + n]
             st = state._param_state(p)
             st.ensure(g, momentum=m > 0, residual=True)
             if clip is not None:
                 g.mul_(sparsify.clip_coefficient(g, clip, world))
-            sparsify.momentum_correction(g, st.u, st.v, momentum=m, nesterov=state.nesterov,
-                                         u_out=st.u_next, v_out=st.v_next)
+            sparsify.momentum_correction(
+                g, st.u, st.v, momentum=m, nesterov=state.nesterov, u_out=st.u_next, v_out=st.v_next
+            )
             seed = step * 1_000_003 + state._order[p] * 7_919 + rank * 104_729
-            idx = sparsify.select_topk(st.v_next, k, exact=state.exact_topk,
-                                       sample_ratio=state.sample_ratio, start=seed)
+            idx = sparsify.select_topk(
+                st.v_next, k, exact=state.exact_topk, sample_ratio=state.sample_ratio, start=seed
+            )
             c = idx.numel()
-            p_idx[pos:pos + c] = idx
-            p_val[pos:pos + c] = st.v_next[idx].div_(world)
+            p_idx[pos : pos + c] = idx
+            p_val[pos : pos + c] = st.v_next[idx].div_(world)
             if c < k:  # padding: value 0 (payload is zeroed) at a valid index
-                p_idx[pos + c:pos + k] = idx[0] if c else 0
+                p_idx[pos + c : pos + k] = idx[0] if c else 0
             commits.append(_Pending(st, idx, swap_u=m > 0, swap_v=True))
             pos += k
         state._cur.select_s += time.perf_counter() - t0
         gathered = torch.empty(world * payload.numel(), dtype=torch.int32, device=buf.device)
-        futures.append(dist.all_gather_single(gathered, payload, group=state.process_group,
-                                              async_op=True).get_future())
+        futures.append(
+            dist.all_gather_single(
+                gathered, payload, group=state.process_group, async_op=True
+            ).get_future()
+        )
         sent_bytes += payload.numel() * 4
 
     if dense_items:
         if not comp_items and state.value_dtype == buf.dtype:
             dense_buf = buf.div_(world)  # the whole bucket: reduce in place, like allreduce_hook
         else:
-            dense_buf = torch.cat([buf[o:o + n] for _, o, n in dense_items]).div_(world)
+            dense_buf = torch.cat([buf[o : o + n] for _, o, n in dense_items]).div_(world)
             dense_buf = dense_buf.to(state.value_dtype)
-        futures.append(dist.all_reduce(dense_buf, group=state.process_group,
-                                       async_op=True).get_future())
+        futures.append(
+            dist.all_reduce(dense_buf, group=state.process_group, async_op=True).get_future()
+        )
         sent_bytes += dense_buf.numel() * dense_buf.element_size()
         if m > 0:
             for p, _, n in dense_items:
@@ -484,27 +530,27 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             return buf.fill_(float("nan"))
         if gathered is not None:
             idx = rows[:, :total_k].to(torch.long)
-            vals = rows[:, total_k + _FLAG_WORDS:].view(vdt)[:, :total_k].to(buf.dtype)
+            vals = rows[:, total_k + _FLAG_WORDS :].view(vdt)[:, :total_k].to(buf.dtype)
             starts = torch.tensor([o for _, o, _, _ in comp_items], device=buf.device)
             idx += torch.repeat_interleave(starts, torch.tensor(ks, device=buf.device))
             for _, o, n, _ in comp_items:
-                buf[o:o + n].zero_()
+                buf[o : o + n].zero_()
             buf.index_add_(0, idx.view(-1), vals.reshape(-1))
         if dense_buf is not None:
             pos = 0
             pend = []
             for p, o, n in dense_items:
-                gbar = dense_buf[pos:pos + n].to(buf.dtype)
+                gbar = dense_buf[pos : pos + n].to(buf.dtype)
                 pos += n
                 if m == 0:
-                    buf[o:o + n].copy_(gbar)
+                    buf[o : o + n].copy_(gbar)
                     continue
                 st = state._params[p]
                 torch.add(gbar, st.u, alpha=m, out=st.u_next)
                 if state.nesterov:
-                    torch.add(gbar, st.u_next, alpha=m, out=buf[o:o + n])
+                    torch.add(gbar, st.u_next, alpha=m, out=buf[o : o + n])
                 else:
-                    buf[o:o + n].copy_(st.u_next)
+                    buf[o : o + n].copy_(st.u_next)
                 pend.append(_Pending(st, None, swap_u=True, swap_v=False))
             with state._lock:
                 state._pending.extend(pend)

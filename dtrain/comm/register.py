@@ -17,8 +17,10 @@ def unwrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     """The DDP module behind ``model`` (unwrapping ``torch.compile``), or TypeError."""
     inner = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     if not isinstance(inner, DistributedDataParallel):
-        raise TypeError(f"DGC needs a DistributedDataParallel model, got {type(inner).__name__}: "
-                        f"wrap it first, e.g. DistributedDataParallel(model)")
+        raise TypeError(
+            f"DGC needs a DistributedDataParallel model, got {type(inner).__name__}: "
+            f"wrap it first, e.g. DistributedDataParallel(model)"
+        )
     return inner
 
 
@@ -26,33 +28,46 @@ def _momentum_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
     """Hook momentum and Nesterov taken from the optimizer (SGD: moved, others: 0)."""
     if not isinstance(optimizer, torch.optim.SGD):
         kind = type(optimizer).__name__
-        logger.info("DGC: %s keeps its own moment estimates; hook momentum is 0 "
-                    "(error feedback only)", kind)
+        logger.info(
+            "DGC: %s keeps its own moment estimates; hook momentum is 0 (error feedback only)", kind
+        )
         return 0.0, False
     groups = optimizer.param_groups
     momenta = {float(g["momentum"]) for g in groups}
     nesterovs = {bool(g["nesterov"]) for g in groups}
     dampenings = {float(g["dampening"]) for g in groups}
     if len(momenta) > 1 or len(nesterovs) > 1:
-        raise ValueError(f"DGC applies one momentum to every parameter, but the SGD param groups "
-                         f"have momentum {sorted(momenta)} / nesterov {sorted(nesterovs)}: "
-                         f"use one value in all groups")
+        raise ValueError(
+            f"DGC applies one momentum to every parameter, but the SGD param groups "
+            f"have momentum {sorted(momenta)} / nesterov {sorted(nesterovs)}: "
+            f"use one value in all groups"
+        )
     if dampenings != {0.0}:
-        raise ValueError(f"DGC's momentum correction has no dampening, but SGD has dampening "
-                         f"{sorted(dampenings)}: set dampening=0")
+        raise ValueError(
+            f"DGC's momentum correction has no dampening, but SGD has dampening "
+            f"{sorted(dampenings)}: set dampening=0"
+        )
     momentum, nesterov = momenta.pop(), nesterovs.pop()
     for g in groups:  # momentum now lives in the hook: it must not be applied twice
         g["momentum"] = 0.0
         g["nesterov"] = False
     optimizer.defaults["momentum"] = 0.0
     optimizer.defaults["nesterov"] = False
-    logger.info("DGC: moved SGD momentum %g (nesterov=%s) into the hook; optimizer momentum "
-                "set to 0", momentum, nesterov)
+    logger.info(
+        "DGC: moved SGD momentum %g (nesterov=%s) into the hook; optimizer momentum set to 0",
+        momentum,
+        nesterov,
+    )
     return momentum, nesterov
 
 
-def register_dgc(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 grad_scaler: Any = None, **dgc_kwargs: Any) -> DGCState:
+def register_dgc(
+    ddp_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    grad_scaler: Any = None,
+    **dgc_kwargs: Any,
+) -> DGCState:
     """Register the DGC hook on ``ddp_model`` and move the optimizer's momentum into it.
 
     Args:
@@ -75,11 +90,15 @@ def register_dgc(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, *
     ddp = unwrap_ddp(ddp_model)
     for key in ("momentum", "nesterov"):
         if key in dgc_kwargs:
-            raise TypeError(f"register_dgc takes {key} from the optimizer; set it there "
-                            f"(or build DGCState yourself)")
+            raise TypeError(
+                f"register_dgc takes {key} from the optimizer; set it there "
+                f"(or build DGCState yourself)"
+            )
     if ddp._comm_hooks:
-        raise RuntimeError("this DDP model already has a communication hook; DDP allows one: "
-                           "register DGC on a freshly built DDP model")
+        raise RuntimeError(
+            "this DDP model already has a communication hook; DDP allows one: "
+            "register DGC on a freshly built DDP model"
+        )
     momentum, nesterov = _momentum_from(optimizer)
     dgc_kwargs.setdefault("process_group", ddp.process_group)
     state = DGCState(momentum=momentum, nesterov=nesterov, **dgc_kwargs)

@@ -34,8 +34,9 @@ _MIN_SAMPLE_HITS = 64
 MAX_RETRIES = 3
 
 
-def warmup_density(step: int, *, density: float, start_iter: int, warmup_steps: int,
-                   warmup_stages: int) -> float:
+def warmup_density(
+    step: int, *, density: float, start_iter: int, warmup_steps: int, warmup_stages: int
+) -> float:
     """Density d(t) of DGC.md's exponential warm-up.
 
     Steps before ``start_iter`` are dense (1.0). For ``start_iter <= t < start_iter +
@@ -64,9 +65,16 @@ def clip_coefficient(grad: torch.Tensor, clip_norm: float, world_size: int) -> t
     return torch.clamp(limit / (norm + 1e-12), max=1.0).to(grad.dtype)
 
 
-def momentum_correction(grad: torch.Tensor, u: torch.Tensor | None, v: torch.Tensor, *,
-                        momentum: float, nesterov: bool, u_out: torch.Tensor | None,
-                        v_out: torch.Tensor) -> None:
+def momentum_correction(
+    grad: torch.Tensor,
+    u: torch.Tensor | None,
+    v: torch.Tensor,
+    *,
+    momentum: float,
+    nesterov: bool,
+    u_out: torch.Tensor | None,
+    v_out: torch.Tensor,
+) -> None:
     """Momentum correction, written to ``u_out``/``v_out`` (the inputs are left untouched).
 
     ``u' = m*u + g``; ``v' = v + u'`` (Nesterov: ``v' = v + g + m*u'``). With ``momentum == 0``
@@ -96,7 +104,7 @@ def _sample_thresholds(v: torch.Tensor, k: int, num_samples: int, start: int) ->
     """Threshold estimates for ~1.1k, 2.2k, 4.4k, ... entries from a strided sample of |v|."""
     n = v.numel()
     stride = max(1, n // num_samples)
-    sample = v[start % stride::stride].abs()
+    sample = v[start % stride :: stride].abs()
     m = sample.numel()
     rank = max(1, math.ceil(_OVERSHOOT * k * m / n))
     ranks = [min(m, rank << i) for i in range(MAX_RETRIES + 1)]
@@ -131,7 +139,7 @@ def select_sampled(v: torch.Tensor, k: int, *, sample_ratio: float, start: int =
 
     nb = n // BLOCK
     head = v[: nb * BLOCK].view(nb, BLOCK)
-    tail = v[nb * BLOCK:]
+    tail = v[nb * BLOCK :]
     # amax and amin separately: several times faster on CPU than aminmax or abs().amax().
     block_max = torch.maximum(head.amax(dim=1), head.amin(dim=1).neg_())
     tail_abs = tail.abs()
@@ -153,8 +161,9 @@ def select_sampled(v: torch.Tensor, k: int, *, sample_ratio: float, start: int =
     return picked
 
 
-def select_topk(v: torch.Tensor, k: int, *, exact: bool, sample_ratio: float,
-                start: int = 0) -> torch.Tensor:
+def select_topk(
+    v: torch.Tensor, k: int, *, exact: bool, sample_ratio: float, start: int = 0
+) -> torch.Tensor:
     """Dispatch to :func:`select_exact` or :func:`select_sampled`."""
     if exact:
         return select_exact(v, k)

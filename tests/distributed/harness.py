@@ -12,12 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, args: tuple,
-            kwargs: dict) -> None:
+def _worker(
+    rank: int, world: int, init_file: str, out_dir: str, fn: Callable, args: tuple, kwargs: dict
+) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+        )
         result = fn(rank, world, *args, **kwargs)
         torch.save(result, Path(out_dir) / f"{rank}.pt")
     except BaseException:
@@ -29,8 +31,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, a
     os._exit(0)
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0,
-              **kwargs: Any) -> list[Any]:
+def run_ranks(
+    fn: Callable, world: int, *args: Any, timeout: float = 180.0, **kwargs: Any
+) -> list[Any]:
     """``[fn(rank, world, *args, **kwargs) for rank in range(world)]``, each in its own process.
 
     ``fn`` must be a module-level function. A rank that raises fails the call with its traceback;
@@ -39,8 +42,10 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0,
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world, init_file, tmp, fn, args, kwargs))
-                 for r in range(world)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, world, init_file, tmp, fn, args, kwargs))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -50,8 +55,11 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0,
             if p.is_alive():
                 p.kill()
                 p.join()
-        errors = [Path(tmp, f"{r}.err").read_text() for r in range(world)
-                  if Path(tmp, f"{r}.err").exists()]
+        errors = [
+            Path(tmp, f"{r}.err").read_text()
+            for r in range(world)
+            if Path(tmp, f"{r}.err").exists()
+        ]
         if errors:
             raise AssertionError("rank failed:\n" + "\n".join(errors))
         if hung:

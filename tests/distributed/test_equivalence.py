@@ -19,11 +19,16 @@ def _compare(rank: int, world: int, steps: int) -> dict:
     for step in range(steps):
         train_step(ref, opt_ref, rank, step)
         train_step(dgc, opt_dgc, rank, step)
-    diffs = [(a - b).abs().max().item() for a, b in zip(ref.parameters(), dgc.parameters(),
-                                                        strict=True)]
+    diffs = [
+        (a - b).abs().max().item() for a, b in zip(ref.parameters(), dgc.parameters(), strict=True)
+    ]
     equal = all(torch.equal(a, b) for a, b in zip(ref.parameters(), dgc.parameters(), strict=True))
-    return {"max_diff": max(diffs), "equal": equal, "buckets": state.iter,
-            "ratio": state.stats()["ratio"]}
+    return {
+        "max_diff": max(diffs),
+        "equal": equal,
+        "buckets": state.iter,
+        "ratio": state.stats()["ratio"],
+    }
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,0 +1,129 @@
+"""The per-parameter math of DGC.md, without processes."""
+
+import math
+
+import pytest
+import torch
+
+from dtrain.comm import sparsify
+
+
+def test_warmup_follows_dgc_md():
+    kw = {"density": 0.001, "start_iter": 10, "warmup_steps": 8, "warmup_stages": 4}
+    got = [sparsify.warmup_density(t, **kw) for t in range(8, 21)]
+    assert (
+        got == [1.0, 1.0] + [0.25] * 2 + [0.0625] * 2 + [0.015625] * 2 + [0.25**4] * 2 + [0.001] * 3
+    )
+
+
+def test_warmup_never_below_final_density_and_none_without_warmup():
+    kw = {"start_iter": 0, "warmup_steps": 4, "warmup_stages": 4}
+    assert [sparsify.warmup_density(t, density=0.1, **kw) for t in range(5)] == [
+        0.25,
+        0.1,
+        0.1,
+        0.1,
+        0.1,
+    ]
+    assert (
+        sparsify.warmup_density(0, density=0.01, start_iter=0, warmup_steps=0, warmup_stages=4)
+        == 0.01
+    )
+
+
+def test_num_selected():
+    assert sparsify.num_selected(1000, 0.001) == 1
+    assert sparsify.num_selected(1001, 0.001) == 2
+    assert sparsify.num_selected(10, 1e-6) == 1
+    assert sparsify.num_selected(10, 1.0) == 10
+    assert sparsify.num_selected(25_000_000, 0.001) == 25_000
+
+
+def test_clip_coefficient_scales_to_c_over_sqrt_n():
+    g = torch.full((100,), 1.0)  # norm 10
+    coef = sparsify.clip_coefficient(g, clip_norm=4.0, world_size=4)  # limit 2
+    assert coef.item() == pytest.approx(0.2)
+    assert torch.linalg.vector_norm(g * coef).item() == pytest.approx(2.0)
+    assert sparsify.clip_coefficient(g, clip_norm=100.0, world_size=4).item() == 1.0
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_correction(nesterov):
+    g, u, v = torch.randn(50), torch.randn(50), torch.randn(50)
+    u0, v0 = u.clone(), v.clone()
+    u_out, v_out = torch.empty(50), torch.empty(50)
+    sparsify.momentum_correction(g, u, v, momentum=0.9, nesterov=nesterov, u_out=u_out, v_out=v_out)
+    u_ref = 0.9 * u0 + g
+    v_ref = v0 + g + 0.9 * u_ref if nesterov else v0 + u_ref
+    torch.testing.assert_close(u_out, u_ref)
+    torch.testing.assert_close(v_out, v_ref)
+    assert torch.equal(u, u0) and torch.equal(v, v0)  # inputs untouched until commit
+
+
+def test_momentum_zero_is_plain_accumulation():
+    g, v, out = torch.randn(20), torch.randn(20), torch.empty(20)
+    sparsify.momentum_correction(g, None, v, momentum=0.0, nesterov=False, u_out=None, v_out=out)
+    assert torch.equal(out, v + g)
+
+
+def test_select_exact_is_topk_of_magnitude():
+    v = torch.tensor([0.1, -5.0, 3.0, -0.2, 4.0])
+    assert sorted(sparsify.select_exact(v, 3).tolist()) == [1, 2, 4]
+    assert sparsify.select_exact(v, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+DISTRIBUTIONS = {
+    "gaussian": lambda n, g: torch.randn(n, generator=g),
+    "heavy_tailed": lambda n, g: torch.randn(n, generator=g) / torch.rand(n, generator=g).add(0.01),
+    "sparse": lambda n, g: torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.01),
+}
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("n,density", [(2_000_003, 0.001), (500_000, 0.01), (300_000, 0.25)])
+def test_select_sampled_count_and_quality(dist, n, density):
+    g = torch.Generator().manual_seed(n)
+    v = DISTRIBUTIONS[dist](n, g)
+    k = sparsify.num_selected(n, density)
+    available = min(k, int(v.count_nonzero()))  # zeros are never worth sending
+    for start in range(5):
+        idx = sparsify.select_sampled(v, k, sample_ratio=0.01, start=start)
+        assert 0.9 * available <= idx.numel() <= k
+        assert idx.unique().numel() == idx.numel()
+        picked = v[idx].abs()
+        assert (picked > 0).all()
+        # Everything selected is at least as large as what was left out, up to the threshold
+        # estimate: the smallest picked value ranks within the top 2k.
+        assert picked.min() >= v.abs().kthvalue(n - min(2 * k, n - 1)).values
+
+
+def test_select_sampled_never_picks_zeros():
+    v = torch.zeros(1_000_000)
+    v[[5, 77, 999_999]] = torch.tensor([1.0, -2.0, 3.0])
+    idx = sparsify.select_sampled(v, 1000, sample_ratio=0.01)
+    assert sorted(idx.tolist()) == [5, 77, 999_999]
+    assert sparsify.select_sampled(torch.zeros(1_000_000), 1000, sample_ratio=0.01).numel() == 0
+
+
+def test_select_sampled_uses_exact_on_small_tensors_and_all_when_k_is_numel():
+    v = torch.randn(4000)
+    assert sorted(sparsify.select_sampled(v, 4, sample_ratio=0.01).tolist()) == sorted(
+        sparsify.select_exact(v, 4).tolist()
+    )
+    assert sparsify.select_sampled(v, 4000, sample_ratio=0.01).numel() == 4000
+
+
+def test_select_sampled_reads_few_blocks_again():
+    # The block-maximum pass lets a retry look only at candidate blocks: with the spike
+    # confined to one block, selection finds exactly those entries.
+    v = torch.randn(1 << 20) * 1e-3
+    v[sparsify.BLOCK * 10 : sparsify.BLOCK * 11] = 10.0
+    idx = sparsify.select_sampled(v, sparsify.BLOCK, sample_ratio=0.01)
+    assert sorted(idx.tolist()) == list(range(sparsify.BLOCK * 10, sparsify.BLOCK * 11))
+
+
+def test_select_topk_dispatch():
+    v = torch.randn(100_000)
+    k = math.ceil(0.01 * v.numel())
+    assert sparsify.select_topk(v, k, exact=True, sample_ratio=0.01).numel() == k
+    assert sparsify.select_topk(v, k, exact=False, sample_ratio=0.01).numel() <= k
