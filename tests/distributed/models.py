@@ -1,5 +1,7 @@
 """Small models and data shared by the multi-rank tests."""
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -8,7 +10,7 @@ def mlp(seed: int = 0, widths: tuple[int, ...] = (32, 64, 48, 10)) -> nn.Module:
     """An MLP whose weight matrices are compressible and whose biases are dense."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())
