@@ -1,0 +1,1 @@
+"""Runnable examples: small jobs that show dtrain in existing DDP code."""
