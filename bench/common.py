@@ -1,0 +1,283 @@
+"""Code shared by the benchmarks in ``bench/``: models, rank spawning, hooks, tables.
+
+Not a benchmark itself. The scripts import it as ``common`` (they run as
+``.venv/bin/python bench/<name>.py``, which puts ``bench/`` first on ``sys.path``; spawned ranks
+inherit that path).
+
+Note: no ``from __future__ import annotations`` here — DDP inspects the hooks' annotations and
+rejects string annotations.
+"""
+
+import itertools
+import json
+import os
+import statistics
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from dtrain.comm import dgc_hook, make_hook
+from dtrain.comm.dgc import DGCState
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"8192,1792,10"`` -> ``(8192, 1792, 10)``."""
+    widths = tuple(int(w) for w in text.split(",") if w.strip())
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(f"--widths needs at least two positive integers, got {text!r}")
+    return widths
+
+
+def mlp(widths: Sequence[int], seed: int = 0) -> nn.Module:
+    """Linear(w0, w1) -> ReLU -> ... -> Linear(w[-2], w[-1]); the same weights for a given seed."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+def resnet18(num_classes: int = 10, seed: int = 0) -> nn.Module:
+    """CIFAR-style ResNet-18 (3x32x32 input, 11.2M parameters), without torchvision."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+    ]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_model(name: str, widths: Sequence[int], seed: int = 0) -> tuple[nn.Module, tuple]:
+    """``(model, input_shape_without_batch)`` for ``"mlp"`` or ``"resnet18"``."""
+    if name == "mlp":
+        return mlp(widths, seed), (widths[0],)
+    if name == "resnet18":
+        return resnet18(10, seed), (3, 32, 32)
+    raise ValueError(f"unknown model {name!r}; choose mlp or resnet18")
+
+
+def num_classes(name: str, widths: Sequence[int]) -> int:
+    return widths[-1] if name == "mlp" else 10
+
+
+def make_batches(
+    rank: int, count: int, batch: int, in_shape: tuple, classes: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` random batches, different on every rank, the same in every run."""
+    g = torch.Generator().manual_seed(12345 + rank)
+    return [
+        (torch.randn(batch, *in_shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
+        for _ in range(count)
+    ]
+
+
+# ---------------------------------------------------------------------------------------- hooks
+
+
+def noop_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Returns the bucket unchanged, without communicating: DDP's compute-only cost."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+class RecordingDGC:
+    """A :class:`DGCState` plus the bucket layout seen at each step (for analytic bytes)."""
+
+    def __init__(self, dgc: DGCState) -> None:
+        self.dgc = dgc
+        # step -> list of buckets, each a list of (numel, dim) of its parameters, in bucket order
+        self.layout: dict[int, list[list[tuple[int, int]]]] = {}
+
+
+def recording_dgc_hook(
+    state: RecordingDGC, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """:func:`dgc_hook`, after noting the bucket's parameter shapes."""
+    params = [(p.numel(), p.dim()) for p in bucket.parameters()]
+    state.layout.setdefault(state.dgc.iter, []).append(params)
+    return dgc_hook(state.dgc, bucket)
+
+
+# Hook variants the benchmarks know, by label. Each entry: description for the table.
+HOOK_NOTES = {
+    "compute": "no-op hook: bucket returned unchanged, no communication (lower bound)",
+    "ddp": "DDP without a hook: built-in C++ allreduce",
+    "allreduce": "make_hook('allreduce'): PyTorch's Python allreduce_hook",
+    "fp16": "make_hook('fp16'): PyTorch's fp16_compress_hook",
+    "powersgd": (
+        "make_hook('powersgd', rank {rank}): on gloo this is dtrain's powersgd_waiting_hook, "
+        "which waits for each bucket (no overlap with backward)"
+    ),
+    "dgc32": "make_hook('dgc', density {density}, momentum 0.9, value_dtype float32)",
+    "dgc16": "make_hook('dgc', density {density}, momentum 0.9, value_dtype float16)",
+}
+ALL_HOOKS = tuple(HOOK_NOTES)
+
+
+def register(
+    label: str,
+    ddp: nn.Module,
+    *,
+    density: float,
+    powersgd_rank: int = 4,
+    powersgd_min_rate: float = 2.0,
+) -> Any:
+    """Register hook ``label`` on ``ddp``; returns the hook state (DGCState for DGC)."""
+    if label == "ddp":
+        return None
+    if label == "compute":
+        ddp.register_comm_hook(None, noop_hook)
+        return None
+    if label in ("allreduce", "fp16"):
+        state, hook = make_hook(label)
+    elif label == "powersgd":
+        state, hook = make_hook(
+            "powersgd",
+            matrix_approximation_rank=powersgd_rank,
+            start_powerSGD_iter=2,
+            min_compression_rate=powersgd_min_rate,
+        )
+    elif label in ("dgc32", "dgc16"):
+        vdt = torch.float32 if label == "dgc32" else torch.float16
+        state, hook = make_hook("dgc", density=density, momentum=0.9, value_dtype=vdt)
+        state.attach(ddp.module.named_parameters())
+    else:
+        raise ValueError(f"unknown hook {label!r}; choose from {', '.join(ALL_HOOKS)}")
+    ddp.register_comm_hook(state, hook)
+    return state
+
+
+def parse_hooks(text: str) -> list[str]:
+    hooks = [h.strip() for h in text.split(",") if h.strip()]
+    unknown = [h for h in hooks if h not in HOOK_NOTES]
+    if unknown:
+        raise SystemExit(f"unknown hooks {unknown}; choose from {', '.join(ALL_HOOKS)}")
+    return hooks
+
+
+# ---------------------------------------------------------------------------------------- ranks
+
+
+def _worker(
+    rank: int,
+    world: int,
+    init_file: str,
+    out_dir: str,
+    threads: int,
+    fn: Callable,
+    args: tuple,
+) -> None:
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+        )
+        result = fn(rank, world, *args)
+        dist.barrier()
+        torch.save(result, Path(out_dir) / f"{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"{rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+    # gloo sometimes aborts in interpreter teardown; every collective is done here.
+    os._exit(0)
+
+
+def run_ranks(
+    fn: Callable, world: int, *args: Any, threads: int = 1, timeout: float = 1800.0
+) -> list[Any]:
+    """``[fn(rank, world, *args) for rank in range(world)]``, one spawned gloo process each.
+
+    ``fn`` must be a module-level function; each rank runs with ``torch.set_num_threads(threads)``
+    and a file:// rendezvous in a temporary directory.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_worker, args=(r, world, init_file, tmp, threads, fn, args))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = [
+            Path(tmp, f"{r}.err").read_text()
+            for r in range(world)
+            if Path(tmp, f"{r}.err").exists()
+        ]
+        if errors:
+            raise RuntimeError("rank failed:\n" + "\n".join(errors))
+        if hung:
+            raise RuntimeError(f"ranks {hung} still running after {timeout}s")
+        bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"ranks {bad} exited with {[procs[r].exitcode for r in bad]}")
+        return [torch.load(Path(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats are printed as given (format them before)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | None, obj: Any) -> None:
+    if path:
+        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def machine_line(threads: int) -> str:
+    return (
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {threads}, "
+        f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
