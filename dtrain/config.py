@@ -164,7 +164,9 @@ class DataConfig:
         _at_least(s, "synthetic_classes", self.synthetic_classes, 2)
         _at_least(s, "synthetic_size", self.synthetic_size, 1)
         if not self.synthetic_shape or min(self.synthetic_shape) < 1:
-            raise UserError(f"data.synthetic_shape must be positive sizes, got {self.synthetic_shape}")
+            raise UserError(
+                f"data.synthetic_shape must be positive sizes, got {self.synthetic_shape}"
+            )
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if self.name in ("cifar10", "text") and not self.path:
@@ -432,8 +434,8 @@ def from_dict(data: dict[str, Any], *, source: str = "config") -> JobConfig:
         kwargs = {}
         for key, value in values.items():
             if key not in names:
-                full = [f"{sec}.{n}" for n in names]
-                raise UserError(f"{source}: unknown key {sec}.{key}{_closest(f'{sec}.{key}', full)}")
+                hint = _closest(f"{sec}.{key}", [f"{sec}.{n}" for n in names])
+                raise UserError(f"{source}: unknown key {sec}.{key}{hint}")
             kwargs[key] = _convert(f"{sec}.{key}", value, hints[key])
         built[sec] = cls(**kwargs)
     return JobConfig(**built)
