@@ -280,7 +280,7 @@ class CommConfig:
         if self.warmup_epochs > 0 and self.warmup_steps > 0:
             raise UserError(
                 "comm.warmup_epochs and comm.warmup_steps are both set: give the DGC warm-up "
-                "in one of them"
+                "in one of them (e.g. --comm.warmup_epochs=0 --comm.warmup_steps=N)"
             )
         _at_least(s, "warmup_stages", self.warmup_stages, 1)
         if not 0.0 < self.sample_ratio <= 1.0:

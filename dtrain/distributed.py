@@ -1,0 +1,179 @@
+"""Process-group set-up from the launcher's environment, and rank helpers. No model code.
+
+:func:`init_distributed` is the only place that reads the launcher's environment:
+
+* **torchrun** (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+  ``MASTER_PORT``): single- or multi-node, static or c10d rendezvous;
+* **srun without torchrun** (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``,
+  ``SLURM_JOB_NODELIST``): the master is the first host of the node list, the port
+  ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``;
+* otherwise **a single process** (world size 1, an in-memory store).
+
+The backend is NCCL with one device per local rank when CUDA devices are present (and the
+device is not forced to CPU), gloo otherwise.
+"""
+
+import dataclasses
+import gc
+import logging
+import os
+import re
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dtrain.errors import UserError
+
+__all__ = [
+    "DistInfo",
+    "destroy_distributed",
+    "first_slurm_host",
+    "init_distributed",
+    "launch_env",
+    "setup_logging",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    launcher: str  # "torchrun", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``"gpu[07-09,12],login1"`` -> ``"gpu07"``."""
+    nodelist = nodelist.strip()
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m or not nodelist:
+        raise UserError(f"cannot read the Slurm node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(3)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def launch_env(env: dict[str, str] | None = None) -> dict[str, object]:
+    """Rank, sizes, master address and port, and the launcher's name, from ``env``."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return {
+            "launcher": "torchrun",
+            "rank": int(env["RANK"]),
+            "world_size": world,
+            "local_rank": int(env.get("LOCAL_RANK", "0")),
+            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        }
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = int(env["SLURM_NTASKS"])
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+        port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 50000)
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        return {
+            "launcher": "slurm",
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": world,
+            "local_rank": int(env.get("SLURM_LOCALID", "0")),
+            "local_world_size": int(tasks_per_node) if tasks_per_node.isdigit() else world,
+            "master_addr": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            "master_port": port,
+        }
+    return {
+        "launcher": "single",
+        "rank": 0,
+        "world_size": 1,
+        "local_rank": 0,
+        "local_world_size": 1,
+    }
+
+
+def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
+    """Join (or create) the default process group and pick this process's device.
+
+    Args:
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        threads: torch CPU threads; 0: this machine's cores divided by the local processes.
+
+    Returns:
+        This process's :class:`DistInfo`.
+    """
+    le = launch_env()
+    rank, world = int(le["rank"]), int(le["world_size"])
+    local_rank, local_world = int(le["local_rank"]), int(le["local_world_size"])
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("run.device = 'cuda' but no CUDA device is visible: use run.device=cpu")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                f"start at most one process per GPU"
+            )
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = timedelta(minutes=10)
+    if le["launcher"] == "torchrun":
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    elif le["launcher"] == "slurm":
+        init = f"tcp://{le['master_addr']}:{le['master_port']}"
+        dist.init_process_group(
+            backend, init_method=init, rank=rank, world_size=world, timeout=timeout
+        )
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    info = DistInfo(rank, world, local_rank, local_world, dev, backend, str(le["launcher"]))
+    logger.debug(
+        "%s: rank %d of %d (local %d of %d), %s on %s",
+        info.launcher,
+        rank,
+        world,
+        local_rank,
+        local_world,
+        backend,
+        dev,
+    )
+    return info
+
+
+def destroy_distributed() -> None:
+    """Tear the process group down after the caller dropped its DDP model and optimizer.
+
+    Collecting garbage first matters: a gloo DDP process whose reducer is still alive when the
+    group goes sometimes aborts at interpreter exit ("terminate called without an active
+    exception").
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_logging(rank: int, *, verbose: bool = False) -> None:
+    """Rank-prefixed logging to stderr: INFO on rank 0, WARNING elsewhere (DEBUG if verbose)."""
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(
+        level=level,
+        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )

@@ -1,0 +1,109 @@
+"""Train a model with DDP and a selectable communication hook (DGC by default).
+
+One process (CPU or one GPU)::
+
+    python -m dtrain.train --config configs/digits.toml
+
+torchrun, one node (2 CPU processes with gloo, or one process per GPU with NCCL)::
+
+    torchrun --nproc_per_node=2 -m dtrain.train --config configs/digits.toml --comm.hook=allreduce
+    NPROC=8 CONFIG=configs/resnet20_cifar10.toml launch/train.sh --data.path=/data/cifar
+
+torchrun, several nodes (run on every node; c10d rendezvous on the first)::
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 \\
+        --rdzv_id=job42 -m dtrain.train --config configs/resnet18_cifar10.toml
+
+Slurm: ``sbatch --nodes=2 slurm/train.sbatch`` (torchrun per node) or
+``sbatch --ntasks=16 slurm/train_srun.sbatch`` (``srun python -m dtrain.train``, no torchrun).
+
+Options: ``--config FILE`` (TOML, see ``configs/``), ``--section.key=value`` overrides (checked
+against the config's fields and types), ``--resume`` (continue from the newest complete checkpoint
+in the run directory), ``--check`` (validate config, data, run directory and checkpoint for the
+world size in ``WORLD_SIZE``, then exit). Errors in the input print one line and exit with code 2.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+import torch
+
+from dtrain.config import JobConfig, load_config
+from dtrain.distributed import (
+    DistInfo,
+    destroy_distributed,
+    init_distributed,
+    launch_env,
+    setup_logging,
+)
+from dtrain.errors import EXIT_USAGE, UserError
+from dtrain.metrics import format_summary
+from dtrain.trainer import Trainer
+
+logger = logging.getLogger("dtrain.train")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="dtrain.train", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--check", action="store_true", help="validate the input, then exit")
+    return p.parse_known_args(argv)
+
+
+def load(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    if args.resume and not cfg.checkpoint.resume:
+        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, resume="auto")
+    return cfg, args
+
+
+def check(cfg: JobConfig) -> None:
+    """Everything :class:`Trainer` checks, without a process group (for launchers)."""
+    world = int(os.environ.get("WORLD_SIZE") or launch_env()["world_size"])
+    info = DistInfo(0, world, 0, 1, torch.device("cpu"), "none", "check")
+    Trainer(cfg, info, check_only=True)
+    print(f"dtrain.train: ok: {cfg.run_dir} for {info.world_size} process(es)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(launch_env()["rank"])
+    setup_logging(rank)
+    trainer = None
+    try:
+        cfg, args = load(argv)
+        if args.check:
+            check(cfg)
+            return 0
+        info = init_distributed(device=cfg.run.device, threads=cfg.run.threads)
+        trainer = Trainer(cfg, info)
+        summary = trainer.train()
+        if info.is_main:
+            print(format_summary(summary), flush=True)
+        return 0
+    except UserError as e:
+        if rank == 0:  # every rank sees the same input: one line is enough
+            print(f"dtrain.train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    finally:
+        if trainer is not None:
+            trainer.close()
+        del trainer
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    code = main()
+    # All work, collectives included, is done. Leaving without interpreter teardown avoids the
+    # rare gloo abort at exit ("terminate called without an active exception") that would fail
+    # torchrun after a successful run.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

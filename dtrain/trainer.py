@@ -1,0 +1,402 @@
+"""The training loop shared by the jobs: data → DDP model → hook → optimizer, with evaluation,
+metrics and checkpoints.
+
+:class:`Trainer` wires components, each built from its own config section: data
+(:mod:`dtrain.data`), model (:mod:`dtrain.models`), optimizer and schedule (:mod:`dtrain.optim`),
+the communication hook (:mod:`dtrain.comm`), checkpoints (:mod:`dtrain.checkpoint`) and metrics
+(:mod:`dtrain.metrics`). Everything that can be wrong with the user's input is checked in
+``__init__``, before anything is written; :meth:`Trainer.train` then runs to ``total_steps``.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dtrain.checkpoint import (
+    Checkpointer,
+    atomic_write_text,
+    check_compatible,
+    rng_state,
+    set_rng_state,
+)
+from dtrain.comm import make_hook, register_dgc
+from dtrain.comm.counting import counted
+from dtrain.config import CommConfig, JobConfig, to_dict, to_toml
+from dtrain.data import ShardedLoader, load_data
+from dtrain.distributed import DistInfo
+from dtrain.errors import UserError
+from dtrain.metrics import make_logger
+from dtrain.models import build_model
+from dtrain.optim import build_optimizer, build_scheduler
+
+__all__ = ["Trainer", "check_run_dir", "plan_batches"]
+
+logger = logging.getLogger(__name__)
+
+_VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def plan_batches(batch_size: int, *, world_size: int, grad_accum: int) -> int:
+    """Per-rank micro-batch size for a global ``batch_size``, or UserError if it does not divide."""
+    parts = world_size * grad_accum
+    if batch_size % parts:
+        raise UserError(
+            f"data.batch_size = {batch_size} is not divisible by world size {world_size} x "
+            f"run.grad_accum {grad_accum} = {parts}: use a multiple of {parts}"
+        )
+    return batch_size // parts
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """UserError unless ``run_dir`` exists as a writable directory or can be created."""
+    probe = run_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"run directory {run_dir}: {probe} is a file; choose another run.out_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"run directory {run_dir}: {probe} is not writable; set run.out_dir")
+
+
+class Trainer:
+    """Builds every component of a training job and runs its loop.
+
+    Args:
+        cfg: the job's resolved config.
+        info: this process's place in the job (from :func:`dtrain.distributed.init_distributed`).
+        check_only: validate everything (config, data, batch split, run directory, checkpoint to
+            resume) without building the process-group-dependent parts, then stop.
+    """
+
+    def __init__(self, cfg: JobConfig, info: DistInfo, *, check_only: bool = False) -> None:
+        self.cfg, self.info = cfg, info
+        run = cfg.run
+        self.run_dir = cfg.run_dir
+        check_run_dir(self.run_dir)
+        if run.precision == "fp16" and info.device.type == "cpu":
+            raise UserError("run.precision = 'fp16' needs a GPU; on CPU use bf16 or fp32")
+
+        # ---- data ----
+        self.data = load_data(cfg.data, seed=run.seed)
+        dinfo = self.data.info
+        micro = plan_batches(
+            cfg.data.batch_size, world_size=info.world_size, grad_accum=run.grad_accum
+        )
+        self.train_loader = ShardedLoader(
+            self.data.x_train,
+            self.data.y_train,
+            batch_size=micro,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=run.seed,
+            augment=self.data.augment,
+        )
+        self.test_loader = ShardedLoader(
+            self.data.x_test,
+            self.data.y_test,
+            batch_size=cfg.data.eval_batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=run.seed,
+            shuffle=False,
+            drop_last=False,
+        )
+        self.steps_per_epoch = len(self.train_loader) // run.grad_accum
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the training set ({dinfo.train_size} samples) is smaller than one step's "
+                f"batch (data.batch_size = {cfg.data.batch_size}): lower data.batch_size"
+            )
+        self.total_steps = run.max_steps or math.ceil(run.epochs * self.steps_per_epoch)
+
+        # ---- model ----
+        torch.manual_seed(run.seed)
+        model = build_model(cfg.model, dinfo)
+
+        # ---- checkpoint to resume from ----
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, self.run_dir, rank=info.rank, world_size=info.world_size
+        )
+        self.resume_path = self.checkpointer.resolve_resume()
+        self.resumed: tuple[dict, dict] | None = None
+        if self.resume_path is not None:
+            shared, mine = self.checkpointer.load(self.resume_path)
+            check_compatible(shared["config"], to_dict(cfg))
+            self.resumed = (shared, mine)
+        if check_only:
+            return
+        logger.info(
+            "%s: %d train / %d test samples; %s: %s parameters; %d steps of %d per epoch; "
+            "%d micro-batch(es) of %d per rank per step",
+            cfg.data.name,
+            dinfo.train_size,
+            dinfo.test_size,
+            cfg.model.name,
+            f"{sum(p.numel() for p in model.parameters()):,}",
+            self.total_steps,
+            self.steps_per_epoch,
+            run.grad_accum,
+            micro,
+        )
+
+        # ---- DDP, optimizer, hook ----
+        model.to(info.device)
+        if self.resumed:
+            model.load_state_dict(self.resumed[0]["model"])
+        cuda = info.device.type == "cuda"
+        self.ddp = DistributedDataParallel(
+            model,
+            device_ids=[info.device.index] if cuda else None,
+            bucket_cap_mb=cfg.comm.bucket_cap_mb,
+        )
+        self.model = model
+        self.optimizer = build_optimizer(cfg.optim, model)
+        self.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
+        self.hook_state = self._register_hook(cfg.comm)
+        self.scheduler = build_scheduler(
+            cfg.optim,
+            self.optimizer,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        self.step = 0
+        if self.resumed:
+            self._load(*self.resumed)
+        else:
+            torch.manual_seed(run.seed * 1000 + info.rank)  # dropout differs by rank
+        self.resumed = None  # the checkpoint's tensors are not needed any more
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _register_hook(self, c: CommConfig) -> Any:
+        if c.hook == "dgc":
+            warmup = c.warmup_steps or round(c.warmup_epochs * self.steps_per_epoch)
+            return register_dgc(
+                self.ddp,
+                self.optimizer,
+                grad_scaler=self.scaler,
+                density=c.density,
+                momentum_masking=c.momentum_masking,
+                clip_norm=c.clip_norm or None,
+                start_iter=c.start_iter,
+                warmup_steps=warmup,
+                warmup_stages=c.warmup_stages,
+                exact_topk=c.exact_topk,
+                sample_ratio=c.sample_ratio,
+                min_compress_numel=c.min_compress_numel,
+                value_dtype=_VALUE_DTYPES[c.value_dtype],
+            )
+        kwargs = {}
+        if c.hook == "powersgd":
+            kwargs = {
+                "matrix_approximation_rank": c.powersgd_rank,
+                "start_powerSGD_iter": c.powersgd_start_iter,
+            }
+        inner, hook = make_hook(c.hook, **kwargs)
+        state, wrapped = counted(c.hook, inner, hook)
+        self.ddp.register_comm_hook(state, wrapped)
+        return state
+
+    def _load(self, shared: dict, mine: dict) -> None:
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        if self.scaler is not None and shared.get("scaler"):
+            self.scaler.load_state_dict(shared["scaler"])
+        self.hook_state.load_state_dict(mine["hook"])
+        set_rng_state(mine["rng"])
+        self.step = int(shared["step"])
+        logger.info("resumed from %s at step %d", self.resume_path, self.step)
+
+    def _checkpoint(self) -> None:
+        shared = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "batch_in_epoch": (self.step % self.steps_per_epoch) * self.cfg.run.grad_accum,
+            "config": to_dict(self.cfg),
+            "world_size": self.info.world_size,
+        }
+        mine = {"hook": self.hook_state.state_dict(), "rng": rng_state()}
+        self.checkpointer.save(self.step, shared, mine)
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean loss, number of correct predictions, number of predictions."""
+        out = out.reshape(-1, out.shape[-1]).float()
+        y = y.reshape(-1)
+        return F.cross_entropy(out, y), (out.argmax(1) == y).sum(), y.numel()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        p = self.cfg.run.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(self.info.device.type, dtype=dtype)
+
+    def _train_step(self, batches: Any, window: torch.Tensor) -> None:
+        accum = self.cfg.run.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        for i in range(accum):
+            x, y = next(batches)
+            x, y = x.to(self.info.device), y.to(self.info.device)
+            sync = contextlib.nullcontext() if i == accum - 1 else self.ddp.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.ddp(x)
+                loss, correct, count = self._loss(out, y)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            window += torch.stack(
+                [loss.detach().double() * count, correct.double(), torch.tensor(float(count))]
+            ).cpu()
+        clip = self.cfg.optim.clip_grad_norm
+        if self.scaler is not None:
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+        self.scheduler.step()
+
+    # ------------------------------------------------------------------ metrics
+    def _all_mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t)
+        return (t / self.info.world_size).tolist()
+
+    def _comm_metrics(self) -> dict[str, float]:
+        s = self.hook_state.stats()
+        keys = ("bytes_sent", "dense_bytes", "bytes_sent_total", "dense_bytes_total")
+        vals = dict(zip(keys, self._all_mean([float(s[k]) for k in keys]), strict=True))
+        vals["ratio"] = vals["dense_bytes"] / vals["bytes_sent"] if vals["bytes_sent"] else 0.0
+        vals["ratio_total"] = (
+            vals["dense_bytes_total"] / vals["bytes_sent_total"]
+            if vals["bytes_sent_total"]
+            else 0.0
+        )
+        vals["density"] = float(s["density"])
+        return vals
+
+    def _metric(self, mean_loss: float, correct: float, count: float, prefix: str = "") -> dict:
+        out = {f"{prefix}loss": mean_loss}
+        if self.data.info.metric == "perplexity":
+            out[f"{prefix}perplexity"] = math.exp(min(mean_loss, 50.0))
+        else:
+            out[f"{prefix}accuracy"] = 100.0 * correct / max(count, 1.0)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy (or perplexity) over the whole held-out set, every sample once."""
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for x, y in self.test_loader.eval_batches():
+            x, y = x.to(self.info.device), y.to(self.info.device)
+            with self._autocast():
+                out = self.model(x)
+            loss, correct, count = self._loss(out, y)
+            sums += torch.tensor([loss.item() * count, correct.item(), float(count)])
+        self.model.train()
+        t = sums.to(self.info.device)
+        dist.all_reduce(t)
+        total_loss, correct, count = t.tolist()
+        return self._metric(total_loss / max(count, 1.0), correct, count, prefix="test_")
+
+    # ------------------------------------------------------------------ the loop
+    def _prepare_run_dir(self) -> None:
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        dist.barrier()
+
+    def train(self) -> dict[str, float]:
+        """Train to ``total_steps``, logging, evaluating and checkpointing; returns the summary."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        start_time = time.perf_counter()
+        self._prepare_run_dir()
+        metrics = make_logger(
+            cfg.logging,
+            self.run_dir,
+            rank=self.info.rank,
+            config=to_dict(cfg),
+            total_steps=self.total_steps,
+            start_step=self.step,
+            resume=self.resume_path is not None,
+        )
+        window = torch.zeros(3, dtype=torch.float64)
+        window_start, window_steps = time.perf_counter(), 0
+        evaluated: dict[str, float] = {}
+        self.model.train()
+        with metrics:
+            while self.step < self.total_steps:
+                epoch, pos = divmod(self.step, spe)
+                batches = self.train_loader.epoch_batches(epoch, start=pos * cfg.run.grad_accum)
+                for _ in range(pos, spe):
+                    if self.step >= self.total_steps:
+                        break
+                    self._train_step(batches, window)
+                    self.step += 1
+                    window_steps += 1
+                    last = self.step == self.total_steps
+                    evaluated = {}
+                    if self.step % cfg.logging.every_steps == 0 or last:
+                        elapsed = time.perf_counter() - window_start
+                        loss_sum, correct, count = self._all_mean(window.tolist())
+                        line = self._metric(loss_sum / max(count, 1.0), correct, count)
+                        samples = cfg.data.batch_size * window_steps
+                        line.update(
+                            lr=self.scheduler.get_last_lr()[0],
+                            samples_per_s=samples / elapsed,
+                            step_time_s=elapsed / window_steps,
+                            epoch=self.step / spe,
+                            **self._comm_metrics(),
+                        )
+                        metrics.log(self.step, line)
+                        window.zero_()
+                        window_start, window_steps = time.perf_counter(), 0
+                    every = cfg.run.eval_every
+                    if self.step % (every or spe) == 0 or last:
+                        evaluated = self.evaluate()
+                        metrics.log(self.step, {**evaluated, "epoch": self.step / spe}, kind="eval")
+                    ck = cfg.checkpoint.every_steps
+                    if (ck and self.step % ck == 0) or last:
+                        self._checkpoint()
+                    metrics.advance()
+            if not evaluated:  # resumed at the end: evaluate what was saved
+                evaluated = self.evaluate()
+            comm = self._comm_metrics()
+            summary = {
+                **evaluated,
+                "steps": self.step,
+                "bytes_sent_total": comm["bytes_sent_total"],
+                "dense_bytes_total": comm["dense_bytes_total"],
+                "ratio_total": comm["ratio_total"],
+                "wall_seconds": time.perf_counter() - start_time,
+                "world_size": self.info.world_size,
+                "hook": cfg.comm.hook,
+            }
+            metrics.summary(summary)
+        return summary
+
+    def close(self) -> None:
+        """Drop DDP, the hook state and the optimizer (before the process group goes)."""
+        for name in ("ddp", "model", "optimizer", "scheduler", "hook_state", "scaler", "data"):
+            self.__dict__.pop(name, None)

@@ -1,0 +1,50 @@
+"""Running ``dtrain.train`` as a user does: under torchrun, under srun-like env, as one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The test's environment without launcher variables, plus ``extra``."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    e = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled", **extra)
+    return e
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "dtrain.train",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def single(*args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dtrain.train", *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,97 @@
+"""Every mistake a user can make gives one line naming it, exit code 2, and writes nothing."""
+
+import os
+
+import pytest
+
+from dtrain import train
+from tests.integration.cli import single
+
+DIGITS = ["--config", "configs/digits.toml", "--logging.progress=false"]
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def snapshot(root):
+    if not root.exists():
+        return None
+    return sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def fails(capsys, argv, message, out_dir):
+    before = snapshot(out_dir)
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dtrain.train: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert snapshot(out_dir) == before  # nothing written
+
+
+def run_ok(argv):
+    assert train.main(argv) == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "configs/nope.toml"], "config file configs/nope.toml not found"),
+        (["--optim.lrr=0.1"], "did you mean 'optim.lr'"),
+        (["--optim.lr=fast"], "optim.lr must be float"),
+        (["--comm.density=2"], "comm.density must be in (0, 1]"),
+        (["--data.name=cifar10", "--data.path=/nonexistent/cifar"], "/nonexistent/cifar"),
+        (["--data.name=text", "--data.path=/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+        (["--data.batch_size=64", "--run.grad_accum=3"], "not divisible"),
+        (["--data.batch_size=4096"], "lower data.batch_size"),
+        (["--run.precision=fp16", "--run.device=cpu"], "needs a GPU"),
+        (["--model.name=lstm_lm"], "lstm_lm"),
+        (["--checkpoint.resume=/nonexistent/step_00000001"], "/nonexistent/step_00000001"),
+    ],
+)
+def test_bad_input(tmp_path, capsys, args, message):
+    out = tmp_path / "runs"
+    fails(capsys, [*DIGITS, f"--run.out_dir={out}", *args], message, out)
+
+
+def test_malformed_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr = 1\n")
+    fails(capsys, ["--config", str(bad)], "is not valid TOML", tmp_path / "runs")
+
+
+def test_run_directory_that_cannot_be_made(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    fails(capsys, [*DIGITS, f"--run.out_dir={blocker}/runs"], "is a file", tmp_path)
+
+
+def test_checkpoints_from_another_model_world_size_or_run(tmp_path, capsys):
+    out = tmp_path / "runs"
+    base = [*DIGITS, f"--run.out_dir={out}", "--run.name=a", "--run.max_steps=3"]
+    run_ok(base)
+    capsys.readouterr()
+    # The run directory already holds a run: starting afresh would mix two runs.
+    fails(capsys, base, "already holds a run", out)
+    # Another model cannot load these weights.
+    fails(capsys, [*base, "--resume", "--model.width=32"], "model.width", out)
+    # Residuals belong to ranks: another world size is refused (checked as a launcher does).
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        fails(capsys, [*base, "--resume", "--check"], "saved with 1 ranks, this job has 2", out)
+    finally:
+        del os.environ["WORLD_SIZE"]
+
+
+def test_the_cli_itself_exits_2_with_one_line(tmp_path):
+    r = single("--config", "configs/digits.toml", "--optim.lrr=1", f"--run.out_dir={tmp_path}/r")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "dtrain.train: error: unknown key optim.lrr (did you mean 'optim.lr'?)"
+    ]
+    assert not (tmp_path / "r").exists()

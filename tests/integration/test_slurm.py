@@ -1,0 +1,122 @@
+"""dtrain.train under a real Slurm: both batch scripts, two nodes, a short digits run.
+
+The cluster (:mod:`tests.integration.slurm_cluster`) is slurmctld and two slurmd "nodes" on this
+host, started once for the module; the tests are skipped where Slurm cannot be installed or run.
+"""
+
+import json
+import re
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.slurm_cluster import SlurmCluster, slurm_cluster_fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 20
+
+cluster = slurm_cluster_fixture(scope="module")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A PYTHON for the scripts that logs where and how it was started, then runs this one."""
+    log, wrapper = tmp_path / "python-calls.log", tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$SLURMD_NODENAME ${{SLURM_PROCID:--}} $*" >> {log}\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper, log
+
+
+def _run(cluster: SlurmCluster, script: str, sbatch_opts: list[str], tmp_path: Path) -> list[str]:
+    """Submit ``script`` from the repo root, wait for it, check that it completed on both nodes
+    with a world of 2, and return how the scripts started Python: ``"node procid args"``."""
+    python, calls = _recording_python(tmp_path)
+    run_dir = tmp_path / "run"
+    result = cluster.sbatch(
+        script,
+        *sbatch_opts,
+        "--time=3",  # minutes: a hung rendezvous ends the job, not the test session
+        job_args=(
+            f"--run.out_dir={tmp_path}",
+            f"--run.name={run_dir.name}",
+            f"--run.max_steps={STEPS}",
+            "--run.threads=1",  # two processes share this host's cores
+            "--logging.progress=false",
+        ),
+        cwd=REPO,
+        env={
+            "PYTHON": str(python),
+            "NPROC": "1",
+            "MASTER_PORT": str(_free_port()),
+            "GLOO_SOCKET_IFNAME": "lo",
+        },
+        timeout=240,
+    )
+    assert result.returncode == 0, cluster.describe(result)
+    job_id = result.stdout.strip().split(";")[0]
+    state = cluster.job_state(job_id)
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), cluster.describe(result)
+    assert state["NumNodes"] == "2", state
+    output = cluster.job_output(job_id)
+    assert "for 2 process(es)" in output, output  # the --check before the launch
+    assert re.search(rf"^final test accuracy .* {STEPS} steps in ", output, re.M), output
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["kind"] == "summary", lines[-1]
+    assert (summary["world_size"], summary["steps"]) == (2, STEPS), summary
+    assert f"max_steps = {STEPS}" in (run_dir / "config.toml").read_text()
+
+    started = calls.read_text().splitlines()
+    checks = [c for c in started if " --check " in c]
+    assert len(checks) == 1 and "-m dtrain.train" in checks[0], started
+    return sorted(c for c in started if " --check " not in c)
+
+
+def test_train_sbatch_torchrun_per_node(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Two nodes, one torchrun each, c10d rendezvous on the first: a world of 2."""
+    started = _run(cluster, "slurm/train.sbatch", ["--nodes=2"], tmp_path)
+    assert [c.split()[0] for c in started] == ["n1", "n2"], started
+    for c in started:
+        assert "-m torch.distributed.run --nnodes=2 --nproc_per_node=1" in c, c
+        assert "--rdzv_backend=c10d" in c and "-m dtrain.train" in c, c
+
+
+def test_train_srun_sbatch_one_task_per_process(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Two tasks on two nodes, ranks from SLURM_PROCID, no torchrun: a world of 2."""
+    started = _run(cluster, "slurm/train_srun.sbatch", ["--nodes=2", "--ntasks=2"], tmp_path)
+    assert [c.split()[:2] for c in started] == [["n1", "0"], ["n2", "1"]], started
+    for c in started:
+        assert c.split()[2:5] == ["-m", "dtrain.train", "--config"], c
+
+
+def test_bad_input_fails_before_launch(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """A config mistake ends the job with one line and exit code 2, before srun starts anything."""
+    python, calls = _recording_python(tmp_path)
+    result = cluster.sbatch(
+        "slurm/train.sbatch",
+        "--nodes=2",
+        job_args=(f"--run.out_dir={tmp_path}", "--run.max_step=20"),
+        cwd=REPO,
+        env={"PYTHON": str(python), "NPROC": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 2, cluster.describe(result)
+    job_id = result.stdout.strip().split(";")[0]
+    assert cluster.job_state(job_id)["ExitCode"] == "2:0"
+    output = cluster.job_output(job_id).strip().splitlines()
+    assert len(output) == 1 and "max_steps" in output[0], output
+    assert [" --check " in c for c in calls.read_text().splitlines()] == [True]
