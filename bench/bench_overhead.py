@@ -79,9 +79,7 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
         momentum = 0.0 if label.startswith("dgc") else cfg["sgd_momentum"]
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=momentum)
         models[label] = (ddp, opt, state)
-    batches = make_batches(
-        rank, 4, cfg["batch"], in_shape, num_classes(model_name, widths)
-    )
+    batches = make_batches(rank, 4, cfg["batch"], in_shape, num_classes(model_name, widths))
 
     times: dict[str, list[float]] = {h: [] for h in hooks}
     select: dict[str, list[float]] = {h: [] for h in hooks}

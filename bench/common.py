@@ -101,7 +101,10 @@ def make_batches(
     """``count`` random batches, different on every rank, the same in every run."""
     g = torch.Generator().manual_seed(12345 + rank)
     return [
-        (torch.randn(batch, *in_shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
+        (
+            torch.randn(batch, *in_shape, generator=g),
+            torch.randint(0, classes, (batch,), generator=g),
+        )
         for _ in range(count)
     ]
 

@@ -67,7 +67,9 @@ def init_distributed(tmp: str) -> torch.device:
         torch.cuda.set_device(local_rank)
     elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         torch.set_num_threads(1)  # several processes share this machine's cores
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world
+    )
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 

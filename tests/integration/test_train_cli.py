@@ -91,6 +91,7 @@ def test_resume_under_torchrun_reproduces_the_uninterrupted_run(tmp_path):
     r = torchrun(2, *base, "--run.name=cut", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
+
     def load(path):  # what Checkpointer wrote: {"format": ..., "state": <the trainer's dict>}
         return torch.load(path, weights_only=True)["state"]
 
