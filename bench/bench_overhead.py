@@ -166,7 +166,7 @@ def main() -> None:
         "profile_steps": args.profile_steps,
     }
     load_before = machine_line(args.threads)
-    res = run_ranks(worker, 2, cfg, threads=args.threads)
+    res = run_ranks(worker, 2, cfg, threads=args.threads, timeout=1800.0)
     hooks = cfg["hooks"]
     # A step takes as long as its slowest rank.
     step_s = {h: [max(ts) for ts in zip(*(r["times"][h] for r in res), strict=True)] for h in hooks}

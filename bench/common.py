@@ -12,19 +12,17 @@ import itertools
 import json
 import os
 import statistics
-import tempfile
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from dtrain.comm import dgc_hook, make_hook
 from dtrain.comm.dgc import DGCState
+from dtrain.spawn import run_ranks  # noqa: F401  (re-exported for the scripts)
 
 # ---------------------------------------------------------------------------------------- models
 
@@ -192,72 +190,6 @@ def parse_hooks(text: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown hooks {unknown}; choose from {', '.join(ALL_HOOKS)}")
     return hooks
-
-
-# ---------------------------------------------------------------------------------------- ranks
-
-
-def _worker(
-    rank: int,
-    world: int,
-    init_file: str,
-    out_dir: str,
-    threads: int,
-    fn: Callable,
-    args: tuple,
-) -> None:
-    torch.set_num_threads(threads)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
-        )
-        result = fn(rank, world, *args)
-        dist.barrier()
-        torch.save(result, Path(out_dir) / f"{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"{rank}.err").write_text(traceback.format_exc())
-        os._exit(1)
-    # gloo sometimes aborts in interpreter teardown; every collective is done here.
-    os._exit(0)
-
-
-def run_ranks(
-    fn: Callable, world: int, *args: Any, threads: int = 1, timeout: float = 1800.0
-) -> list[Any]:
-    """``[fn(rank, world, *args) for rank in range(world)]``, one spawned gloo process each.
-
-    ``fn`` must be a module-level function; each rank runs with ``torch.set_num_threads(threads)``
-    and a file:// rendezvous in a temporary directory.
-    """
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(target=_worker, args=(r, world, init_file, tmp, threads, fn, args))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        errors = [
-            Path(tmp, f"{r}.err").read_text()
-            for r in range(world)
-            if Path(tmp, f"{r}.err").exists()
-        ]
-        if errors:
-            raise RuntimeError("rank failed:\n" + "\n".join(errors))
-        if hung:
-            raise RuntimeError(f"ranks {hung} still running after {timeout}s")
-        bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"ranks {bad} exited with {[procs[r].exitcode for r in bad]}")
-        return [torch.load(Path(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]
 
 
 # ---------------------------------------------------------------------------------------- output

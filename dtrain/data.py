@@ -78,6 +78,13 @@ class DataInfo:
     name: str = ""
     """The ``data.name`` this came from (for error messages)."""
 
+    @classmethod
+    def images(
+        cls, shape: tuple[int, ...], *, classes: int, train_size: int, test_size: int
+    ) -> "DataInfo":
+        """An image classification set: inputs of ``shape``, ``classes`` labels, accuracy."""
+        return cls("image", shape, classes, 0, 0, train_size, test_size, "accuracy")
+
 
 @dataclass
 class Datasets:
@@ -155,16 +162,7 @@ def _load_digits() -> Datasets:
     def images(a: np.ndarray) -> Tensor:
         return torch.from_numpy(((a - mean) / std).astype(np.float32)).view(-1, 1, 8, 8)
 
-    info = DataInfo(
-        kind="image",
-        in_shape=(1, 8, 8),
-        num_classes=10,
-        vocab_size=0,
-        seq_len=0,
-        train_size=len(y_tr),
-        test_size=len(y_te),
-        metric="accuracy",
-    )
+    info = DataInfo.images((1, 8, 8), classes=10, train_size=len(y_tr), test_size=len(y_te))
     return Datasets(
         images(x_tr),
         torch.from_numpy(y_tr).long(),
@@ -225,16 +223,7 @@ def _load_cifar10(path: str, *, augment: bool) -> Datasets:
     x_te, y_te = _read_cifar_batch(root / "test_batch")
     x_tr = np.concatenate([d for d, _ in train])
     y_tr = np.concatenate([lab for _, lab in train])
-    info = DataInfo(
-        kind="image",
-        in_shape=(3, 32, 32),
-        num_classes=10,
-        vocab_size=0,
-        seq_len=0,
-        train_size=len(y_tr),
-        test_size=len(y_te),
-        metric="accuracy",
-    )
+    info = DataInfo.images((3, 32, 32), classes=10, train_size=len(y_tr), test_size=len(y_te))
     return Datasets(
         _cifar_images(x_tr),
         torch.from_numpy(y_tr),
@@ -361,16 +350,7 @@ def _make_synthetic(*, shape: tuple[int, ...], classes: int, size: int, seed: in
 
     x_tr, y_tr = draw(size)
     x_te, y_te = draw(max(1, size // 4))
-    info = DataInfo(
-        kind="image",
-        in_shape=tuple(shape),
-        num_classes=classes,
-        vocab_size=0,
-        seq_len=0,
-        train_size=len(y_tr),
-        test_size=len(y_te),
-        metric="accuracy",
-    )
+    info = DataInfo.images(tuple(shape), classes=classes, train_size=len(y_tr), test_size=len(y_te))
     return Datasets(x_tr, y_tr, x_te, y_te, info)
 
 

@@ -71,3 +71,40 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     (_, c, _), _ = run_ranks(_train, 2, str(tmp_path), [*base, "--run.name=c", "--run.seed=1"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _lm(rank, world, out_dir, args):
+    import json
+    import os
+
+    corpus = os.path.dirname(json.__file__)  # Python's own sources: a local text corpus
+    return _train(rank, world, out_dir, [
+        "--data.name=text", f"--data.path={corpus}", "--data.seq_len=32", "--data.batch_size=16",
+        "--data.eval_batch_size=64", "--model.width=64", "--run.max_steps=30",
+        "--optim.schedule=constant", "--comm.warmup_epochs=0", *args,
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model,optim",
+    [("lstm_lm", ["--optim.lr=1.0", "--comm.clip_norm=0.25"]),
+     ("char_transformer", ["--optim.name=adamw", "--optim.lr=3e-3", "--comm.density=0.01"])],
+)  # fmt: skip
+def test_language_models_train_with_dgc_and_report_perplexity(tmp_path, model, optim):
+    args = [f"--model.name={model}", f"--run.name={model}", "--model.dropout=0.1", *optim]
+    (summary, _, stats), _ = run_ranks(_lm, 2, str(tmp_path), args)
+    assert "test_perplexity" in summary and "test_accuracy" not in summary
+    assert summary["test_perplexity"] < 40  # vocabulary ~100: uniform guessing is ~100
+    assert stats["ratio"] > 10
+    lines = (tmp_path / model / "metrics.jsonl").read_text().splitlines()
+    import json
+
+    train = [json.loads(x) for x in lines if '"train"' in x]
+    assert train[-1]["perplexity"] < train[0]["perplexity"]
+
+
+def test_bf16_autocast_trains(tmp_path):
+    args = ["--run.precision=bf16", "--run.max_steps=40", "--run.name=bf16",
+            "--comm.hook=allreduce", "--optim.schedule=constant"]  # fmt: skip
+    (summary, _, _), _ = run_ranks(_train, 2, str(tmp_path), args)
+    assert summary["test_accuracy"] > 50
