@@ -24,7 +24,9 @@ def unwrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     return inner
 
 
-def _momentum_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+def _momentum_from(
+    optimizer: torch.optim.Optimizer, *, compensate_weight_decay: bool
+) -> tuple[float, bool]:
     """Hook momentum and Nesterov taken from the optimizer (SGD: moved, others: 0)."""
     if not isinstance(optimizer, torch.optim.SGD):
         kind = type(optimizer).__name__
@@ -51,6 +53,16 @@ def _momentum_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
     for g in groups:  # momentum now lives in the hook: it must not be applied twice
         g["momentum"] = 0.0
         g["nesterov"] = False
+        if compensate_weight_decay and momentum > 0 and g["weight_decay"]:
+            # SGD with momentum m applies weight decay through its momentum buffer, which
+            # amplifies it by 1/(1-m) in steady state; without optimizer momentum the same
+            # decay needs a 1/(1-m) larger factor.
+            logger.info(
+                "DGC: SGD weight decay %g -> %g (x 1/(1-m)): it no longer passes through momentum",
+                g["weight_decay"],
+                g["weight_decay"] / (1.0 - momentum),
+            )
+            g["weight_decay"] = g["weight_decay"] / (1.0 - momentum)
     optimizer.defaults["momentum"] = 0.0
     optimizer.defaults["nesterov"] = False
     logger.info(
@@ -66,6 +78,7 @@ def register_dgc(
     optimizer: torch.optim.Optimizer,
     *,
     grad_scaler: Any = None,
+    compensate_weight_decay: bool = True,
     **dgc_kwargs: Any,
 ) -> DGCState:
     """Register the DGC hook on ``ddp_model`` and move the optimizer's momentum into it.
@@ -77,6 +90,10 @@ def register_dgc(
             and its own momentum becomes 0. Adam/AdamW and others: hook momentum 0.
         grad_scaler: a ``torch.amp.GradScaler`` used with this model, so that residuals follow
             loss-scale changes and clipping works in unscaled units.
+        compensate_weight_decay: with SGD momentum m moved into the hook, multiply each param
+            group's weight decay by 1/(1-m), so that decay keeps the strength it had when it
+            passed through SGD's momentum buffer (weight decay stays in the optimizer, as
+            DGC.md fixes; it is never communicated).
         **dgc_kwargs: the other :class:`DGCState` arguments (density, clip_norm, ...).
 
     Returns:
@@ -99,7 +116,7 @@ def register_dgc(
             "this DDP model already has a communication hook; DDP allows one: "
             "register DGC on a freshly built DDP model"
         )
-    momentum, nesterov = _momentum_from(optimizer)
+    momentum, nesterov = _momentum_from(optimizer, compensate_weight_decay=compensate_weight_decay)
     dgc_kwargs.setdefault("process_group", ddp.process_group)
     state = DGCState(momentum=momentum, nesterov=nesterov, **dgc_kwargs)
     state.grad_scaler = grad_scaler

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -164,10 +165,23 @@ def _register(rank: int, world: int) -> dict:
         opt.param_groups[0]["nesterov"],
         len(state._names),
     )
+    wd = []
+    for compensate in (True, False):
+        m = DDP(mlp())
+        groups = [{"params": [m.module[0].weight], "weight_decay": 1e-3}]
+        groups.append({"params": [m.module[0].bias], "weight_decay": 0.0})
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.8)
+        register_dgc(m, opt, compensate_weight_decay=compensate)
+        wd.append([g["weight_decay"] for g in opt.param_groups])
+    out["weight_decay"] = wd
     m = DDP(mlp())
-    adam = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    adam = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01)
     state = register_dgc(m, adam)
-    out["adam"] = (state.momentum, adam.param_groups[0]["betas"])
+    out["adam"] = (
+        state.momentum,
+        adam.param_groups[0]["betas"],
+        adam.param_groups[0]["weight_decay"],
+    )
     return out
 
 
@@ -187,7 +201,10 @@ def test_register_dgc():
     )
     assert out["bad_density"] == "ValueError: density must be in (0, 1], got 0"
     assert out["sgd"] == (0.9, True, [0.0], False, 6)  # moved, not applied twice
-    assert out["adam"] == (0.0, (0.9, 0.999))  # error feedback only; Adam untouched
+    # SGD's decay no longer passes through momentum: x 1/(1-m) keeps its strength
+    assert out["weight_decay"][0] == pytest.approx([1e-3 / 0.2, 0.0])
+    assert out["weight_decay"][1] == [1e-3, 0.0]
+    assert out["adam"] == (0.0, (0.9, 0.999), 0.01)  # error feedback only; Adam untouched
 
 
 def _baselines(rank: int, world: int) -> dict:

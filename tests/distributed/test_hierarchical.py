@@ -1,0 +1,136 @@
+"""Hierarchical DGC on 4 gloo ranks as 2 nodes x 2: dense inside, sparse across nodes."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dtrain.comm import DGCState, dgc_hook
+from dtrain.comm.hierarchical import HierarchicalDGCState, hierarchical_dgc_hook, split_shares
+from tests.distributed.harness import run_ranks
+from tests.distributed.models import batch, mlp
+
+WIDTHS = (32, 256, 128, 10)  # 8192 + 32768 + 1280 weights: compressible; biases dense
+
+
+@pytest.mark.parametrize(
+    "numels,parts,expected",
+    [
+        ([10, 10, 10, 10], 2, [(0, 2), (2, 4)]),
+        ([100, 1, 1, 1], 2, [(0, 1), (1, 4)]),
+        ([5, 5], 4, [(0, 1), (1, 1), (1, 2), (2, 2)]),
+        ([7], 1, [(0, 1)]),
+    ],
+)
+def test_split_shares_is_contiguous_balanced_and_complete(numels, parts, expected):
+    shares = split_shares(numels, parts)
+    assert shares == expected
+    assert shares[0][0] == 0 and shares[-1][1] == len(numels)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))
+
+
+def _run(rank, world, *, local_size, density, momentum, steps, bad_step=None):
+    model = DDP(mlp(widths=WIDTHS), bucket_cap_mb=0.05)  # several buckets
+    kwargs = dict(density=density, momentum=momentum, min_compress_numel=1, exact_topk=True)
+    if local_size is None:
+        state, hook = DGCState(**kwargs), dgc_hook
+    else:
+        state, hook = HierarchicalDGCState(local_size=local_size, **kwargs), hierarchical_dgc_hook
+    state.attach(model.module.named_parameters())
+    model.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snapshots, nonfinite, unchanged = [], [], []
+    for step in range(steps):
+        if step == bad_step:
+            x, y = batch(rank, step, dim=WIDTHS[0])
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if rank == 3:
+                loss = loss * float("inf")
+            loss.backward()
+            nonfinite.append(not all(torch.isfinite(p.grad).all() for p in model.parameters()))
+            inner = state.dgc if local_size is not None else state
+            after_bad = {k: t.clone() for k, t in _residuals(inner).items()}
+            before = snapshots[-1]
+            unchanged.append(
+                after_bad.keys() == before.keys()
+                and all(torch.equal(after_bad[k], before[k]) for k in before)
+            )
+            continue  # the step is skipped, as GradScaler would
+        x, y = batch(rank, step, dim=WIDTHS[0])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        inner = state.dgc if local_size is not None else state
+        snapshots.append({k: t.clone() for k, t in _residuals(inner).items()})
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "stats": state.stats(),
+        "nonfinite": nonfinite,
+        "snapshots": snapshots,
+        "unchanged": unchanged,
+    }
+
+
+def _residuals(state):
+    state._finish_step()
+    return {
+        f"{i}{k}": t
+        for i, st in enumerate(state._params.values())
+        for k, t in (("u", st.u), ("v", st.v))
+        if t is not None
+    }
+
+
+def _allreduce(rank, world, steps):
+    model = DDP(mlp(widths=WIDTHS), bucket_cap_mb=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        x, y = batch(rank, step, dim=WIDTHS[0])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_density_one_without_momentum_is_allreduce():
+    ref = run_ranks(_allreduce, 4, 8)
+    hier = run_ranks(_run, 4, local_size=2, density=1.0, momentum=0.0, steps=8)
+    for r in range(4):
+        for a, b in zip(ref[r], hier[r]["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_one_rank_per_node_is_flat_dgc_exactly():
+    flat = run_ranks(_run, 2, local_size=None, density=0.02, momentum=0.9, steps=6)
+    hier = run_ranks(_run, 2, local_size=1, density=0.02, momentum=0.9, steps=6)
+    for r in range(2):
+        assert all(
+            torch.equal(a, b) for a, b in zip(flat[r]["params"], hier[r]["params"], strict=False)
+        )
+
+
+def test_each_rank_sends_only_its_share_across_nodes():
+    flat = run_ranks(_run, 4, local_size=None, density=0.01, momentum=0.9, steps=4)
+    hier = run_ranks(_run, 4, local_size=2, density=0.01, momentum=0.9, steps=4)
+    flat_sent = sum(r["stats"]["bytes_sent"] for r in flat)
+    hier_sent = sum(r["stats"]["bytes_sent"] for r in hier)
+    # Every rank of a node shares one cross-node exchange: half the sparse bytes in all.
+    assert math.isclose(hier_sent, flat_sent / 2, rel_tol=0.05), (hier_sent, flat_sent)
+    for r in hier:
+        assert r["stats"]["dense_bytes"] == flat[0]["stats"]["dense_bytes"]  # whole model
+        assert r["stats"]["node_bytes_sent"] == 2 * r["stats"]["dense_bytes"]
+    # All ranks of the job end with the same weights.
+    for r in hier[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(hier[0]["params"], r["params"], strict=False))
+
+
+def test_nonfinite_gradient_on_one_rank_skips_everywhere_and_keeps_residuals():
+    out = run_ranks(_run, 4, local_size=2, density=0.01, momentum=0.9, steps=5, bad_step=3)
+    for r in out:
+        assert r["nonfinite"] == [True]  # every rank got a non-finite bucket
+        assert r["unchanged"] == [True]  # and no rank's momentum or residual moved
+        assert r["stats"]["skipped_steps"] == 1
+        assert len(r["snapshots"]) == 4  # training went on after the skipped step
