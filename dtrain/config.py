@@ -262,6 +262,9 @@ class CommConfig:
     """DGC: smaller tensors, and all 1-D ones, are sent dense."""
     value_dtype: str = "float32"
     """DGC: wire dtype of values: ``float32``, ``float16`` or ``bfloat16``."""
+    hierarchical: bool = False
+    """DGC: average densely inside each node and compress only across nodes (ranks per node:
+    the launcher's local world size; every node must run as many)."""
     powersgd_rank: int = 4
     """PowerSGD: matrix approximation rank."""
     powersgd_start_iter: int = 10

@@ -7,6 +7,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.comm.dgc import DGCState, dgc_hook
+from dtrain.comm.hierarchical import HierarchicalDGCState, hierarchical_dgc_hook
 
 __all__ = ["register_dgc", "unwrap_ddp"]
 
@@ -79,8 +80,9 @@ def register_dgc(
     *,
     grad_scaler: Any = None,
     compensate_weight_decay: bool = True,
+    hierarchical_local_size: int | None = None,
     **dgc_kwargs: Any,
-) -> DGCState:
+) -> DGCState | HierarchicalDGCState:
     """Register the DGC hook on ``ddp_model`` and move the optimizer's momentum into it.
 
     Args:
@@ -94,6 +96,8 @@ def register_dgc(
             group's weight decay by 1/(1-m), so that decay keeps the strength it had when it
             passed through SGD's momentum buffer (weight decay stays in the optimizer, as
             DGC.md fixes; it is never communicated).
+        hierarchical_local_size: ranks per node: dense averaging inside each node and DGC only
+            across nodes (:mod:`dtrain.comm.hierarchical`); None for flat DGC.
         **dgc_kwargs: the other :class:`DGCState` arguments (density, clip_norm, ...).
 
     Returns:
@@ -117,13 +121,20 @@ def register_dgc(
             "register DGC on a freshly built DDP model"
         )
     momentum, nesterov = _momentum_from(optimizer, compensate_weight_decay=compensate_weight_decay)
-    dgc_kwargs.setdefault("process_group", ddp.process_group)
-    state = DGCState(momentum=momentum, nesterov=nesterov, **dgc_kwargs)
+    hook: Any = dgc_hook
+    if hierarchical_local_size is None:
+        dgc_kwargs.setdefault("process_group", ddp.process_group)
+        state: Any = DGCState(momentum=momentum, nesterov=nesterov, **dgc_kwargs)
+    else:
+        state = HierarchicalDGCState(
+            local_size=hierarchical_local_size, momentum=momentum, nesterov=nesterov, **dgc_kwargs
+        )
+        hook = hierarchical_dgc_hook
     state.grad_scaler = grad_scaler
     state.attach(ddp.module.named_parameters())
     try:
-        ddp.register_comm_hook(state, dgc_hook)
+        ddp.register_comm_hook(state, hook)
     except RuntimeError as e:  # a built-in hook is not listed in _comm_hooks
         raise RuntimeError(f"this DDP model already has a communication hook ({e})") from None
-    logger.info("DGC: hook registered on %d parameters", len(state._names))
+    logger.info("DGC: %s registered on %s", hook.__name__, type(ddp.module).__name__)
     return state
