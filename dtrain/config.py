@@ -262,6 +262,11 @@ class CommConfig:
     """DGC: smaller tensors, and all 1-D ones, are sent dense."""
     value_dtype: str = "float32"
     """DGC: wire dtype of values: ``float32``, ``float16`` or ``bfloat16``."""
+    exchange: str = "auto"
+    """DGC: how each bucket's selected entries travel: ``sparse`` (all-gather of (value, index)
+    pairs), ``dense`` (scattered into a zero buffer that is allreduced) or ``auto`` (per bucket,
+    whichever sends fewer bytes; the all-gather loses past about 1/density ranks, see
+    ``docs/costmodel.md``)."""
     hierarchical: bool = False
     """DGC: average densely inside each node and compress only across nodes (ranks per node:
     the launcher's local world size; every node must run as many)."""
@@ -290,6 +295,7 @@ class CommConfig:
             raise UserError(f"comm.sample_ratio must be in (0, 1], got {self.sample_ratio!r}")
         _at_least(s, "min_compress_numel", self.min_compress_numel, 1)
         _choice(s, "value_dtype", self.value_dtype, ("float32", "float16", "bfloat16"))
+        _choice(s, "exchange", self.exchange, ("auto", "sparse", "dense"))
         _at_least(s, "powersgd_rank", self.powersgd_rank, 1)
         _at_least(s, "powersgd_start_iter", self.powersgd_start_iter, 1)
 

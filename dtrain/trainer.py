@@ -196,6 +196,7 @@ class Trainer:
                 sample_ratio=c.sample_ratio,
                 min_compress_numel=c.min_compress_numel,
                 value_dtype=_VALUE_DTYPES[c.value_dtype],
+                exchange=c.exchange,
                 hierarchical_local_size=self.info.local_world_size if c.hierarchical else None,
             )
         kwargs = {}

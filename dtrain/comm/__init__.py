@@ -4,6 +4,9 @@ Two lines add DGC to existing DDP code::
 
     from dtrain.comm import register_dgc
     dgc = register_dgc(ddp_model, optimizer, density=0.001)
+
+Each bucket's selected entries travel as a sparse all-gather or, where that sends more bytes
+(past about 1/density ranks), as a dense reduction: :mod:`dtrain.comm.costmodel` decides.
 """
 
 from dtrain.comm.baselines import HOOKS, make_hook, powersgd_waiting_hook

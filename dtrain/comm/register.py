@@ -98,7 +98,7 @@ def register_dgc(
             DGC.md fixes; it is never communicated).
         hierarchical_local_size: ranks per node: dense averaging inside each node and DGC only
             across nodes (:mod:`dtrain.comm.hierarchical`); None for flat DGC.
-        **dgc_kwargs: the other :class:`DGCState` arguments (density, clip_norm, ...).
+        **dgc_kwargs: the other :class:`DGCState` arguments (density, clip_norm, exchange, ...).
 
     Returns:
         The registered :class:`DGCState` (save its ``state_dict()`` per rank).

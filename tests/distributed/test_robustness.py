@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtrain.comm import make_hook, register_dgc
+from dtrain.comm import DGCState, dgc_hook, make_hook, register_dgc
 from tests.distributed.harness import run_ranks
 from tests.distributed.models import batch, mlp, train_step
 
@@ -264,3 +264,37 @@ def test_residuals_follow_loss_scale_changes():
     state.grad_scaler.scale = 512.0  # GradScaler backed off
     state._begin_step()
     assert torch.equal(st.u, torch.full((64,), 1.5)) and torch.equal(st.v, torch.full((64,), 2.0))
+
+
+def _fp16_overflow(rank: int, world: int) -> dict:
+    model = DDP(mlp(), bucket_cap_mb=0.05)
+    state = DGCState(density=0.05, momentum=0.9, value_dtype=torch.float16, exchange="sparse")
+    state.attach(model.module.named_parameters())
+    model.register_comm_hook(state, dgc_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    blow_up = [False]
+    # Only a compressed weight's gradient: finite in fp32, beyond fp16's 65504 once packed (the
+    # dense biases stay small, so only the packed values can reveal it).
+    model.module[0].weight.register_hook(lambda g: g * 1e9 if blow_up[0] else g)
+    out = []
+    for step in range(4):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        blow_up[0] = step == 2 and rank == 1
+        loss.backward()
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
+        state._finish_step()
+        residuals = [st.v.clone() for st in state._params.values() if st.v is not None]
+        out.append({"finite": bool(finite), "residuals": residuals})
+        if finite:
+            opt.step()
+    return {"log": out, "skipped": state.skipped_steps}
+
+
+def test_fp16_overflow_when_packing_skips_the_step_everywhere():
+    for r in run_ranks(_fp16_overflow, 2):
+        assert [e["finite"] for e in r["log"]] == [True, True, False, True]
+        assert r["skipped"] == 1
+        before, during = r["log"][1]["residuals"], r["log"][2]["residuals"]
+        assert all(torch.equal(a, b) for a, b in zip(before, during, strict=True))
