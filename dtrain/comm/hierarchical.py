@@ -3,13 +3,15 @@
 Real clusters have fast links inside a node (NVLink, PCIe, shared memory) and slow ones between
 nodes. :func:`hierarchical_dgc_hook` spends compression only where bandwidth is scarce:
 
-1. the bucket is averaged densely over the node's ranks (one allreduce in the node group);
-2. the bucket's parameters are split into ``L`` contiguous shares of about equal size, one per
-   local rank; local rank ``l`` runs DGC (:func:`dtrain.comm.dgc.dgc_hook`, every rule of
+1. the bucket's parameters are split into ``L`` contiguous shares of about equal size, one per
+   local rank, and a dense reduce-scatter in the node group gives each local rank the node's
+   average of its own share (or, where padding the shares to one size would cost more, an
+   allreduce of the whole bucket);
+2. local rank ``l`` runs DGC (:func:`dtrain.comm.dgc.dgc_hook`, every rule of
    ``shared/DGC.md``) on its share with the ranks of local rank ``l`` on the other nodes, so each
    node sends each share once, sparsely, over the slow links;
-3. the shares are put back together inside the node (one allreduce of the bucket in which each
-   rank filled only its own share).
+3. the shares are put back together inside the node (one all-gather in the node group, or an
+   allreduce in which each rank filled only its share).
 
 With one node this is a dense allreduce plus DGC on a group of one; with one rank per node it is
 flat DGC plus two no-op reductions. Momentum and residuals live with the rank that owns the share
@@ -122,7 +124,8 @@ class HierarchicalDGCState:
         # ---- statistics ----
         self._node_bytes = [0, 0, 0]  # this step, last step, total: bytes sent inside the node
         self._dense = [0, 0, 0]  # what flat allreduce would send: whole buckets
-        self._shares: dict[tuple[int, ...], tuple[int, int, int, int]] = {}
+        # bucket layout (parameter sizes) -> every share's parameter and element ranges
+        self._shares: dict[tuple[int, ...], tuple[list, list]] = {}
         logger.info(
             "hierarchical DGC: node %d, local rank %d of %d; sparse exchange across %d nodes",
             self.node,
@@ -155,7 +158,8 @@ class HierarchicalDGCState:
     def stats(self) -> dict[str, float]:
         """DGC's statistics with whole-model dense bytes; ``bytes_sent`` is what crosses nodes.
 
-        ``node_bytes_sent`` counts the dense traffic inside the node (two allreduces per bucket).
+        ``node_bytes_sent`` counts the dense payload handed to the collectives inside the node
+        (the padded reduce-scatter input and the all-gather input, per bucket).
         """
         s = dict(self.dgc.stats())
         s["dense_bytes"], s["dense_bytes_total"] = self._dense[1], self._dense[2]
@@ -165,15 +169,18 @@ class HierarchicalDGCState:
         s["node_bytes_sent"], s["node_bytes_sent_total"] = self._node_bytes[1], self._node_bytes[2]
         return s
 
-    def _share(self, bucket: dist.GradBucket) -> _Share:
-        params = bucket.parameters()
-        key = tuple(p.numel() for p in params)
+    def _layout(
+        self, bucket: dist.GradBucket
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Every local rank's share of this bucket: parameter ranges and element ranges."""
+        key = tuple(p.numel() for p in bucket.parameters())
         if key not in self._shares:
-            first, stop = split_shares(list(key), self.local_size)[self.local_rank]
-            start = sum(key[:first])
-            self._shares[key] = (first, stop, start, start + sum(key[first:stop]))
-        first, stop, start, end = self._shares[key]
-        return _Share(bucket, start, end, params[first:stop])
+            params = split_shares(list(key), self.local_size)
+            offsets = [0]
+            for n in key:
+                offsets.append(offsets[-1] + n)
+            self._shares[key] = (params, [(offsets[a], offsets[b]) for a, b in params])
+        return self._shares[key]
 
 
 def hierarchical_dgc_hook(
@@ -181,14 +188,14 @@ def hierarchical_dgc_hook(
 ) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` densely inside the node, compress only the exchange across nodes.
 
-    1. ``allreduce(bucket / L)`` in the node group (dense; the fast link).
-    2. If the node's bucket holds a non-finite value, poison every share, so that every
-       cross-node DGC exchange flags the step and every rank skips it.
+    1. Reduce-scatter in the node group (dense; the fast link): this rank receives the node's
+       sum of its share (÷ L), plus the number of the node's ranks that saw a non-finite value.
+    2. If any did, poison every share, so that every cross-node DGC exchange flags the step and
+       every rank skips it.
     3. DGC on this rank's share with the same local rank of every other node (sparse; the slow
        link), waited for here: the next collective needs its result, and collectives are only
        ever started in the hook body (gloo runs callbacks on its own threads, in varying order).
-    4. ``allreduce`` of the bucket in the node group with every rank's non-owned entries zeroed:
-       each rank receives every share.
+    4. All-gather of the shares in the node group: each rank receives every share.
 
     Args:
         state: the :class:`HierarchicalDGCState`.
@@ -204,21 +211,51 @@ def hierarchical_dgc_hook(
     """
     buf = bucket.buffer()
     nbytes = buf.numel() * buf.element_size()
-    if state.local_size > 1:
-        buf.div_(state.local_size)
-        dist.all_reduce(buf, group=state.node_group)
-    share = state._share(bucket)
-    if share.buffer().numel() and not torch.isfinite(buf.sum()):
-        share.buffer()[0] = float("nan")
+    L = state.local_size
+    params, elems = state._layout(bucket)
+    first, stop = params[state.local_rank]
+    start, end = elems[state.local_rank]
+    share = _Share(bucket, start, end, bucket.parameters()[first:stop])
+    m = max(e - s for s, e in elems) + 1  # a padded share, plus one flag element
+    # Reduce-scatter + all-gather of padded shares moves (L+1)·m elements per rank; two
+    # allreduces of the bucket 2·numel. Unbalanced shares (a bucket of one large and a few small
+    # parameters) pad badly: then the allreduces are cheaper.
+    scatter = L > 1 and (L + 1) * m < 2 * buf.numel()
+    mine = None
+    if scatter:
+        # Each local rank receives the node's sum of its own share only; the extra element of
+        # every padded share carries "this rank saw a non-finite gradient" to the whole node.
+        send = buf.new_zeros(L * m)
+        flag = 0.0 if bool(torch.isfinite(buf.sum())) else 1.0
+        for lr, (s, e) in enumerate(elems):
+            send[lr * m : lr * m + e - s] = buf[s:e]
+            send[lr * m + m - 1] = flag
+        mine = buf.new_empty(m)
+        dist.reduce_scatter_single(mine, send, group=state.node_group)
+        share.buffer().copy_(mine[: end - start]).div_(L)
+        nonfinite = bool(mine[-1] > 0)
+        node_sent = (send.numel() + m) * buf.element_size()
+    else:
+        if L > 1:  # every rank then holds the node's bucket: a non-finite value shows everywhere
+            dist.all_reduce(buf.div_(L), group=state.node_group)
+        nonfinite = not bool(torch.isfinite(buf.sum()))
+        node_sent = 2 * nbytes if L > 1 else 0
+    if nonfinite and share.buffer().numel():
+        share.buffer()[0] = float("nan")  # every share's DGC exchange flags the step
     dgc_hook(state.dgc, share).wait()  # writes the share's result in place
     fut = None
-    if state.local_size > 1:
-        lo = (share.buffer().data_ptr() - buf.data_ptr()) // buf.element_size()
-        buf[:lo].zero_()
-        buf[lo + share.buffer().numel() :].zero_()
+    if scatter:
+        mine[: end - start].copy_(share.buffer())
+        gathered = buf.new_empty(L * m)
+        fut = dist.all_gather_single(
+            gathered, mine, group=state.node_group, async_op=True
+        ).get_future()
+    elif L > 1:  # every rank contributes its share, zeros elsewhere
+        buf[:start].zero_()
+        buf[end:].zero_()
         fut = dist.all_reduce(buf, group=state.node_group, async_op=True).get_future()
     st = state
-    st._node_bytes[0] += 2 * nbytes if fut is not None else 0
+    st._node_bytes[0] += node_sent
     st._dense[0] += nbytes
     if bucket.is_last():
         st._node_bytes[1], st._dense[1] = st._node_bytes[0], st._dense[0]
@@ -229,4 +266,13 @@ def hierarchical_dgc_hook(
         fut = torch.futures.Future()
         fut.set_result(buf)
         return fut
-    return fut.then(lambda _: buf)
+    if not scatter:
+        return fut.then(lambda _: buf)
+
+    def finish(_: Any) -> torch.Tensor:
+        # gloo's future yields chunk views: read the tensor we allocated.
+        for lr, (s, e) in enumerate(elems):
+            buf[s:e].copy_(gathered[lr * m : lr * m + e - s])
+        return buf
+
+    return fut.then(finish)
