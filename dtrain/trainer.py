@@ -262,9 +262,10 @@ class Trainer:
                 loss, correct, count = self._loss(out, y)
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            window += torch.stack(
-                [loss.detach().double() * count, correct.double(), torch.tensor(float(count))]
-            ).cpu()
+            # On the device: no host sync per step (read at log steps only).
+            window[0] += loss.detach().double() * count
+            window[1] += correct
+            window[2] += count
         clip = self.cfg.optim.clip_grad_norm
         if self.scaler is not None:
             if clip:
@@ -343,7 +344,7 @@ class Trainer:
             start_step=self.step,
             resume=self.resume_path is not None,
         )
-        window = torch.zeros(3, dtype=torch.float64)
+        window = torch.zeros(3, dtype=torch.float64, device=self.info.device)
         window_start, window_steps = time.perf_counter(), 0
         evaluated: dict[str, float] = {}
         self.model.train()
