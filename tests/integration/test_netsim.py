@@ -98,6 +98,8 @@ def test_failing_target_still_tears_down():
 @needs_netns
 def test_sigterm_tears_down_and_ends_the_nodes():
     before = _dtrain_names()
+    if any(n.startswith("dtrain-ns") for n in before):  # its nodes would look like ours
+        pytest.skip(f"{BUSY}: {sorted(before)}")
     p = subprocess.Popen(
         [sys.executable, NETSIM, "run", "--nodes", "2", "--rate", "1gbit",
          "--", "--no-python", "sleep", "60"],
