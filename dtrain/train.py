@@ -43,8 +43,6 @@ from dtrain.errors import EXIT_USAGE, UserError
 from dtrain.metrics import format_summary
 from dtrain.trainer import Trainer
 
-logger = logging.getLogger("dtrain.train")
-
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(

@@ -75,13 +75,6 @@ class _Share:
     def parameters(self) -> list[torch.Tensor]:
         return self._params
 
-    def gradients(self) -> list[torch.Tensor]:
-        out, off = [], 0
-        for p in self._params:
-            out.append(self._buffer[off : off + p.numel()].view_as(p))
-            off += p.numel()
-        return out
-
     def is_last(self) -> bool:
         return self._last
 
