@@ -184,6 +184,11 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     if bucket.is_last():
         state._end_step()
 
+    if not futures:  # an empty bucket (a hierarchical share of none of its parameters)
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(buf)
+        return done
+
     def finish(_: Any) -> torch.Tensor:
         if gathered is not None:
             rows = gathered.view(world, -1)

@@ -233,9 +233,13 @@ def hierarchical_dgc_hook(
             dist.all_reduce(buf.div_(L), group=state.node_group)
         nonfinite = not bool(torch.isfinite(buf.sum()))
         node_sent = 2 * nbytes if L > 1 else 0
-    if nonfinite and share.buffer().numel():
+    empty = share.buffer().numel() == 0  # a bucket of fewer (or lopsided) parameters than L
+    if nonfinite and not empty:
         share.buffer()[0] = float("nan")  # every share's DGC exchange flags the step
     dgc_hook(state.dgc, share).wait()  # writes the share's result in place
+    if nonfinite and empty:  # no exchange to flag: drop this rank's updates of the step directly
+        with state.dgc._lock:
+            state.dgc._step_bad = True
     fut = None
     if scatter:
         mine[: end - start].copy_(share.buffer())

@@ -101,10 +101,12 @@ def _allreduce(rank, world, steps, cap=0.05):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("cap", [0.05, 25])
-def test_density_one_without_momentum_is_allreduce(cap):
+# local_size 4 (one node of 4): buckets of fewer parameters than ranks leave some ranks an
+# empty share, which must still take part in every collective of the node.
+@pytest.mark.parametrize("cap,local_size", [(0.05, 2), (25, 2), (0.05, 4)])
+def test_density_one_without_momentum_is_allreduce(cap, local_size):
     ref = run_ranks(_allreduce, 4, 8, cap=cap)
-    hier = run_ranks(_run, 4, local_size=2, density=1.0, momentum=0.0, steps=8, cap=cap)
+    hier = run_ranks(_run, 4, local_size=local_size, density=1.0, momentum=0.0, steps=8, cap=cap)
     if cap == 25:  # one balanced bucket: the reduce-scatter path, which moves fewer bytes
         assert hier[0]["stats"]["node_bytes_sent"] < 1.8 * hier[0]["stats"]["dense_bytes"]
     for r in range(4):
@@ -138,9 +140,11 @@ def test_each_rank_sends_only_its_share_across_nodes():
         assert all(torch.equal(a, b) for a, b in zip(hier[0]["params"], r["params"], strict=False))
 
 
-@pytest.mark.parametrize("cap", [0.05, 25])
-def test_nonfinite_gradient_on_one_rank_skips_everywhere_and_keeps_residuals(cap):
-    out = run_ranks(_run, 4, local_size=2, density=0.01, momentum=0.9, steps=5, bad_step=3, cap=cap)
+@pytest.mark.parametrize("cap,local_size", [(0.05, 2), (25, 2), (0.05, 4)])
+def test_nonfinite_gradient_on_one_rank_skips_everywhere_and_keeps_residuals(cap, local_size):
+    out = run_ranks(
+        _run, 4, local_size=local_size, density=0.01, momentum=0.9, steps=5, bad_step=3, cap=cap
+    )
     for r in out:
         assert r["nonfinite"] == [True]  # every rank got a non-finite bucket
         assert r["unchanged"] == [True]  # and no rank's momentum or residual moved
