@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.config import CheckpointConfig
+from dtrain.distributed import raise_together
 from dtrain.errors import UserError
 
 __all__ = [
@@ -442,33 +443,18 @@ class Checkpointer:
         if self.rank == 0 or not root_only:
             try:
                 fn()
+            except OSError as e:
+                error = UserError(
+                    f"cannot write checkpoint step {step} under {self.dir}: {e}: free disk "
+                    f"space or choose another run.out_dir"
+                )
             except Exception as e:  # every rank must reach the agreement below, or they hang
                 error = e
-        if _all_ok(error is None):
-            return
-        if error is None:
-            raise UserError(
-                f"checkpoint step {step} failed on another rank (see its message); the previous "
-                f"checkpoints in {self.dir} are intact"
-            )
-        if isinstance(error, OSError):
-            raise UserError(
-                f"cannot write checkpoint step {step} under {self.dir}: {error}: free disk "
-                f"space or choose another run.out_dir"
-            ) from None
-        raise error
-
-
-def _all_ok(ok: bool) -> bool:
-    """True when ``ok`` on every rank; a barrier. Without a process group: ``ok``."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = f"cuda:{torch.cuda.current_device()}"
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        raise_together(
+            error,
+            peer_message=f"checkpoint step {step} failed on another rank (see its message); the "
+            f"previous checkpoints in {self.dir} are intact",
+        )
 
 
 def _step_of(path: Path) -> int:

@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dtrain.errors import UserError
+from dtrain.errors import PeerError, RankError, UserError
 
 __all__ = [
     "DistInfo",
@@ -32,7 +32,9 @@ __all__ = [
     "first_slurm_host",
     "init_distributed",
     "launch_env",
+    "raise_together",
     "setup_logging",
+    "uses_cuda",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,28 +70,41 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _int_env(env: dict[str, str], key: str, default: int | None = None) -> int:
+    """``env[key]`` as an int (``default`` when unset); UserError naming the variable if not."""
+    if key not in env and default is not None:
+        return default
+    try:
+        return int(env[key])
+    except ValueError:
+        raise UserError(
+            f"environment variable {key}={env[key]!r} is not an integer: start the job with "
+            f"torchrun or srun, or unset it"
+        ) from None
+
+
 def launch_env(env: dict[str, str] | None = None) -> dict[str, object]:
     """Rank, sizes, master address and port, and the launcher's name, from ``env``."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        world = int(env["WORLD_SIZE"])
+        world = _int_env(env, "WORLD_SIZE")
         return {
             "launcher": "torchrun",
-            "rank": int(env["RANK"]),
+            "rank": _int_env(env, "RANK"),
             "world_size": world,
-            "local_rank": int(env.get("LOCAL_RANK", "0")),
-            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", str(world))),
+            "local_rank": _int_env(env, "LOCAL_RANK", 0),
+            "local_world_size": _int_env(env, "LOCAL_WORLD_SIZE", world),
         }
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        world = int(env["SLURM_NTASKS"])
+        world = _int_env(env, "SLURM_NTASKS")
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
-        port = env.get("MASTER_PORT") or str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 50000)
+        port = env.get("MASTER_PORT") or str(10000 + _int_env(env, "SLURM_JOB_ID", 0) % 50000)
         tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
         return {
             "launcher": "slurm",
-            "rank": int(env["SLURM_PROCID"]),
+            "rank": _int_env(env, "SLURM_PROCID"),
             "world_size": world,
-            "local_rank": int(env.get("SLURM_LOCALID", "0")),
+            "local_rank": _int_env(env, "SLURM_LOCALID", 0),
             "local_world_size": int(tasks_per_node) if tasks_per_node.isdigit() else world,
             "master_addr": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
             "master_port": port,
@@ -101,6 +116,14 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, object]:
         "local_rank": 0,
         "local_world_size": 1,
     }
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether ``run.device`` (``"auto"``, ``"cpu"``, ``"cuda"``) means CUDA on this machine."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("run.device = 'cuda' but no CUDA device is visible: use run.device=cpu")
+    return use_cuda
 
 
 def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
@@ -116,12 +139,10 @@ def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
     le = launch_env()
     rank, world = int(le["rank"]), int(le["world_size"])
     local_rank, local_world = int(le["local_rank"]), int(le["local_world_size"])
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("run.device = 'cuda' but no CUDA device is visible: use run.device=cpu")
+    use_cuda = uses_cuda(device)
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise UserError(
+            raise RankError(
                 f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
                 f"start at most one process per GPU"
             )
@@ -153,6 +174,36 @@ def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
         dev,
     )
     return info
+
+
+def raise_together(error: BaseException | None, *, peer_message: str = "") -> None:
+    """Every rank calls this with its error (or None); if any rank has one, every rank raises.
+
+    The lowest-numbered failing rank raises its own error (a :class:`UserError` as a
+    :class:`RankError`, so that it prints its one line there); every other rank raises a
+    :class:`PeerError`, which exits with code 2 without printing. Without a process group, just
+    raises ``error``. A collective: it returns only once every rank has reached it, so no rank is
+    left waiting for a peer that gave up.
+
+    Args:
+        error: this rank's exception, or None when this rank succeeded.
+        peer_message: what the other ranks' :class:`PeerError` says (for logs and tests).
+    """
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        first = torch.tensor([dist.get_rank() if error is not None else world], device=device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first_bad = int(first.item())
+        if first_bad == world:
+            return
+        if first_bad != dist.get_rank():
+            raise PeerError(peer_message or f"rank {first_bad} failed (see its message)")
+    if error is None:
+        return
+    if isinstance(error, UserError) and not isinstance(error, RankError):
+        raise RankError(str(error)) from None
+    raise error
 
 
 def destroy_distributed() -> None:

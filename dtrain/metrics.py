@@ -81,7 +81,7 @@ class NullLogger:
     def summary(self, metrics: dict[str, Any]) -> None:
         """Do nothing."""
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         """Do nothing."""
 
     def __enter__(self) -> Self:

@@ -38,8 +38,9 @@ from dtrain.distributed import (
     init_distributed,
     launch_env,
     setup_logging,
+    uses_cuda,
 )
-from dtrain.errors import EXIT_USAGE, UserError
+from dtrain.errors import EXIT_USAGE, UserError, should_print
 from dtrain.metrics import format_summary
 from dtrain.trainer import Trainer
 
@@ -64,17 +65,22 @@ def load(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
 
 def check(cfg: JobConfig) -> None:
     """Everything :class:`Trainer` checks, without a process group (for launchers)."""
-    world = int(os.environ.get("WORLD_SIZE") or launch_env()["world_size"])
-    info = DistInfo(0, world, 0, 1, torch.device("cpu"), "none", "check")
+    env = dict(os.environ)
+    if "WORLD_SIZE" in env:  # a launcher checking for the world it is about to start
+        env.setdefault("RANK", "0")
+    world = int(launch_env(env)["world_size"])
+    device = torch.device("cuda" if uses_cuda(cfg.run.device) else "cpu")
+    info = DistInfo(0, world, 0, 1, device, "none", "check")
     Trainer(cfg, info, check_only=True)
     print(f"dtrain.train: ok: {cfg.run_dir} for {info.world_size} process(es)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    rank = int(launch_env()["rank"])
-    setup_logging(rank)
+    rank = 0
     trainer = None
     try:
+        rank = int(launch_env()["rank"])
+        setup_logging(rank)
         cfg, args = load(argv)
         if args.check:
             check(cfg)
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_summary(summary), flush=True)
         return 0
     except UserError as e:
-        if rank == 0:  # every rank sees the same input: one line is enough
+        if should_print(e, rank):  # one line per failure across the job
             print(f"dtrain.train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     finally:

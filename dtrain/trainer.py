@@ -12,7 +12,9 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,9 @@ from dtrain.comm import make_hook, register_dgc
 from dtrain.comm.counting import counted
 from dtrain.config import CommConfig, JobConfig, to_dict, to_toml
 from dtrain.data import ShardedLoader, load_data
-from dtrain.distributed import DistInfo
+from dtrain.distributed import DistInfo, raise_together
 from dtrain.errors import UserError
-from dtrain.metrics import make_logger
+from dtrain.metrics import MetricsLogger, NullLogger, make_logger
 from dtrain.models import build_model
 from dtrain.optim import build_optimizer, build_scheduler
 
@@ -82,6 +84,24 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig, info: DistInfo, *, check_only: bool = False) -> None:
         self.cfg, self.info = cfg, info
+        # Some checks can fail on one rank alone (its data path, its checkpoint file): every rank
+        # learns of it here, so none is left waiting for a peer in DDP's first collective.
+        error = None
+        try:
+            model = self._check_inputs()
+        except Exception as e:
+            error = e
+        if check_only:
+            if error is not None:
+                raise error
+            return
+        raise_together(error)
+        self._build(model)
+
+    def _check_inputs(self) -> nn.Module:
+        """Everything that can be wrong with the user's input, before anything is written: the
+        run directory, the data, the batch split, the checkpoint to resume; returns the model."""
+        cfg, info = self.cfg, self.info
         run = cfg.run
         self.run_dir = cfg.run_dir
         check_run_dir(self.run_dir)
@@ -135,8 +155,18 @@ class Trainer:
             shared, mine = self.checkpointer.load(self.resume_path)
             check_compatible(shared["config"], to_dict(cfg))
             self.resumed = (shared, mine)
-        if check_only:
-            return
+        if cfg.logging.wandb != "disabled" and info.is_main and not find_spec("wandb"):
+            raise UserError(
+                f"logging.wandb = {cfg.logging.wandb!r} needs wandb: pip install wandb "
+                f"(or --logging.wandb=disabled)"
+            )
+        return model
+
+    def _build(self, model: nn.Module) -> None:
+        """DDP, optimizer, hook and schedule; the checkpoint's state loaded into them."""
+        cfg, info = self.cfg, self.info
+        run = cfg.run
+        dinfo = self.data.info
         logger.info(
             "%s: %d train / %d test samples; %s: %s parameters; %d steps of %d per epoch; "
             "%d micro-batch(es) of %d per rank per step",
@@ -148,7 +178,7 @@ class Trainer:
             self.total_steps,
             self.steps_per_epoch,
             run.grad_accum,
-            micro,
+            self.train_loader.batch_size,
         )
 
         # ---- DDP, optimizer, hook ----
@@ -324,26 +354,41 @@ class Trainer:
         return self._metric(total_loss / max(count, 1.0), correct, count, prefix="test_")
 
     # ------------------------------------------------------------------ the loop
-    def _prepare_run_dir(self) -> None:
+    def _open_run_dir(self) -> MetricsLogger | NullLogger:
+        """Rank 0 creates the run directory, starts the metrics logger (and wandb, which may
+        fail) and writes the resolved config; a directory this call created is removed again
+        if that fails. Every rank learns whether it worked."""
+        error, metrics = None, NullLogger()
+        created = None  # the outermost directory this call makes, if any
+        for d in (self.run_dir, *self.run_dir.parents):
+            if d.exists():
+                break
+            created = d
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-        dist.barrier()
+            try:
+                metrics = make_logger(
+                    self.cfg.logging,
+                    self.run_dir,
+                    rank=self.info.rank,
+                    config=to_dict(self.cfg),
+                    total_steps=self.total_steps,
+                    start_step=self.step,
+                    resume=self.resume_path is not None,
+                )
+                atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+            except Exception as e:
+                error = e
+                metrics.close(failed=True)
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+        raise_together(error)
+        return metrics
 
     def train(self) -> dict[str, float]:
         """Train to ``total_steps``, logging, evaluating and checkpointing; returns the summary."""
         cfg, spe = self.cfg, self.steps_per_epoch
         start_time = time.perf_counter()
-        self._prepare_run_dir()
-        metrics = make_logger(
-            cfg.logging,
-            self.run_dir,
-            rank=self.info.rank,
-            config=to_dict(cfg),
-            total_steps=self.total_steps,
-            start_step=self.step,
-            resume=self.resume_path is not None,
-        )
+        metrics = self._open_run_dir()
         window = torch.zeros(3, dtype=torch.float64, device=self.info.device)
         window_start, window_steps = time.perf_counter(), 0
         evaluated: dict[str, float] = {}

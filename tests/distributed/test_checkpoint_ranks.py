@@ -7,7 +7,7 @@ import torch
 import dtrain.checkpoint as ckpt_mod
 from dtrain.checkpoint import Checkpointer, rng_state, set_rng_state
 from dtrain.config import CheckpointConfig
-from dtrain.errors import UserError
+from dtrain.errors import UserError, should_print
 from tests.distributed.harness import run_ranks
 
 
@@ -72,16 +72,18 @@ def _one_rank_fails(rank: int, world: int, run_dir: str) -> dict:
         ckpt_mod.torch.save = disk_full
     try:
         ck.save(20, {"step": 20}, {})
-        error = ""
+        error, printed = "", False
     except UserError as e:
-        error = str(e)
+        error, printed = str(e), should_print(e, rank)
     finally:
         ckpt_mod.torch.save = real_save
-    return {"error": error, "latest": ck.latest().name}
+    return {"error": error, "printed": printed, "latest": ck.latest().name}
 
 
 def test_a_rank_that_cannot_write_fails_every_rank_without_hanging(tmp_path):
     r0, r1 = run_ranks(_one_rank_fails, 2, str(tmp_path / "run"), timeout=120)
     assert "failed on another rank" in r0["error"]
     assert "No space left on device" in r1["error"]
+    # One line for the job: the rank that failed prints it (not rank 0, which only exits 2).
+    assert (r0["printed"], r1["printed"]) == (False, True)
     assert r0["latest"] == r1["latest"] == "step_00000010"

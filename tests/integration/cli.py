@@ -46,5 +46,30 @@ def single(*args: str, timeout: float = 240, **extra: str) -> subprocess.Complet
     )
 
 
+def srun_like(nproc: int, *args: str, timeout: float = 240) -> list[tuple[int, str, str]]:
+    """``nproc`` processes that know their rank only from SLURM_* variables, as srun starts
+    them; ``(returncode, stdout, stderr)`` of each."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        e = env(
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NTASKS=str(nproc),
+            SLURM_NTASKS_PER_NODE=str(nproc),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_ID="7",
+            MASTER_PORT=port,
+        )
+        cmd = [sys.executable, "-m", "dtrain.train", *args]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from dtrain import train
+from dtrain.errors import UserError
 from tests.integration.cli import single
 
 DIGITS = ["--config", "configs/digits.toml", "--logging.progress=false"]
@@ -95,3 +96,34 @@ def test_the_cli_itself_exits_2_with_one_line(tmp_path):
         "dtrain.train: error: unknown key optim.lrr (did you mean 'optim.lr'?)"
     ]
     assert not (tmp_path / "r").exists()
+
+
+def test_malformed_launcher_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "zero")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fails(capsys, [*DIGITS, f"--run.out_dir={tmp_path}/runs"], "RANK='zero'", tmp_path / "runs")
+
+
+def test_check_accepts_fp16_where_a_gpu_would_run_it(tmp_path, capsys, monkeypatch):
+    # Launchers run --check before torchrun; fp16 must pass it on a GPU machine (simulated:
+    # only the device choice asks CUDA) and still be refused where the job would run on CPU.
+    argv = [*DIGITS, f"--run.out_dir={tmp_path}/runs", "--run.precision=fp16", "--check"]
+    fails(capsys, argv, "needs a GPU", tmp_path / "runs")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    run_ok(argv)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wandb_that_cannot_start_leaves_no_run_directory(tmp_path, capsys, monkeypatch):
+    def cannot_start(cfg, *args, **kwargs):
+        raise UserError(f"logging.wandb = {cfg.wandb!r} could not start (no API key): use ...")
+
+    monkeypatch.setattr("dtrain.metrics._start_wandb", cannot_start)
+    out = tmp_path / "runs"
+    argv = [*DIGITS, f"--run.out_dir={out}", "--logging.wandb=online", "--run.max_steps=2"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err  # the set-up's INFO lines come first: wandb starts last
+    errors = [ln for ln in err.splitlines() if ln.startswith("dtrain.train: error: ")]
+    assert len(errors) == 1 and "could not start" in errors[0], err
+    assert "Traceback" not in err
+    assert not out.exists()  # the run directory it had made is gone again

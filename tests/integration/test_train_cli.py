@@ -1,13 +1,11 @@
 """The real CLI under torchrun (2 gloo processes) and under an srun-like environment."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.integration.cli import REPO, env, free_port, read_metrics, torchrun
+from tests.integration.cli import read_metrics, srun_like, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -47,29 +45,20 @@ def test_each_hook_trains_digits_under_torchrun(tmp_path, hook):
 
 def test_srun_path_without_torchrun(tmp_path):
     """Two processes that know their rank only from SLURM_* variables, as srun starts them."""
-    port = str(free_port())
     args = [*SHORT, "--run.max_steps=10", f"--run.out_dir={tmp_path}", "--run.name=s"]
-    procs = []
-    for rank in range(2):
-        e = env(
-            SLURM_PROCID=str(rank),
-            SLURM_LOCALID=str(rank),
-            SLURM_NTASKS="2",
-            SLURM_NTASKS_PER_NODE="2",
-            SLURM_JOB_NODELIST="localhost",
-            SLURM_JOB_ID="7",
-            MASTER_PORT=port,
-        )
-        cmd = [sys.executable, "-m", "dtrain.train", *args]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    outs = srun_like(2, *args)
+    assert [code for code, _, _ in outs] == [0, 0], outs[0][2][-2000:] + outs[1][2][-2000:]
     summary = read_metrics(tmp_path / "s")[-1]
     assert summary["kind"] == "summary" and summary["world_size"] == 2 and summary["steps"] == 10
+
+    # A failure on one rank alone (its checkpoint file is gone): no rank hangs, every rank exits
+    # 2, and the job prints one line, from the rank that failed.
+    (tmp_path / "s/checkpoints/step_00000010/rank_00001.pt").unlink()
+    outs = srun_like(2, *args, "--resume", timeout=120)
+    assert [code for code, _, _ in outs] == [2, 2]
+    lines = [ln for _, _, err in outs for ln in err.splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1 and "lacks rank_00001.pt" in lines[0], lines
+    assert "Traceback" not in outs[0][2] + outs[1][2]
 
 
 def test_resume_under_torchrun_reproduces_the_uninterrupted_run(tmp_path):
