@@ -255,10 +255,12 @@ class DGCState:
         self._step_open = True
         self._cur = _StepStats()
         self._cur.density = self.density_at(self.iter)
-        if self.grad_scaler is not None:
-            scale = float(self.grad_scaler.get_scale())
-            if self._scale is not None and scale != self._scale:
-                ratio = scale / self._scale
+        # u and v hold gradients in the units of the loss scale (none: 1) they were computed at;
+        # follow a change, also one across a resume with another precision (fp16 <-> fp32).
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else None
+        if scale != self._scale:
+            ratio = (scale or 1.0) / (self._scale or 1.0)
+            if ratio != 1.0:
                 for st in self._params.values():
                     for t in (st.u, st.v):
                         if t is not None:

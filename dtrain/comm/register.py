@@ -25,10 +25,8 @@ def unwrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     return inner
 
 
-def _momentum_from(
-    optimizer: torch.optim.Optimizer, *, compensate_weight_decay: bool
-) -> tuple[float, bool]:
-    """Hook momentum and Nesterov taken from the optimizer (SGD: moved, others: 0)."""
+def _momentum_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+    """Hook momentum and Nesterov of the optimizer (SGD: its own, others: 0); changes nothing."""
     if not isinstance(optimizer, torch.optim.SGD):
         kind = type(optimizer).__name__
         logger.info(
@@ -50,8 +48,20 @@ def _momentum_from(
             f"DGC's momentum correction has no dampening, but SGD has dampening "
             f"{sorted(dampenings)}: set dampening=0"
         )
-    momentum, nesterov = momenta.pop(), nesterovs.pop()
-    for g in groups:  # momentum now lives in the hook: it must not be applied twice
+    return momenta.pop(), nesterovs.pop()
+
+
+def _move_momentum(
+    optimizer: torch.optim.Optimizer,
+    momentum: float,
+    nesterov: bool,
+    *,
+    compensate_weight_decay: bool,
+) -> None:
+    """Set SGD's momentum to 0 (it now lives in the hook), compensating weight decay."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for g in optimizer.param_groups:  # momentum now lives in the hook: not to be applied twice
         g["momentum"] = 0.0
         g["nesterov"] = False
         if compensate_weight_decay and momentum > 0 and g["weight_decay"]:
@@ -71,7 +81,6 @@ def _momentum_from(
         momentum,
         nesterov,
     )
-    return momentum, nesterov
 
 
 def register_dgc(
@@ -120,7 +129,9 @@ def register_dgc(
             "this DDP model already has a communication hook; DDP allows one: "
             "register DGC on a freshly built DDP model"
         )
-    momentum, nesterov = _momentum_from(optimizer, compensate_weight_decay=compensate_weight_decay)
+    # Validate everything (optimizer, DGC arguments, the hook slot) before the optimizer changes:
+    # a refused call leaves it as it was.
+    momentum, nesterov = _momentum_from(optimizer)
     hook: Any = dgc_hook
     if hierarchical_local_size is None:
         dgc_kwargs.setdefault("process_group", ddp.process_group)
@@ -136,5 +147,6 @@ def register_dgc(
         ddp.register_comm_hook(state, hook)
     except RuntimeError as e:  # a built-in hook is not listed in _comm_hooks
         raise RuntimeError(f"this DDP model already has a communication hook ({e})") from None
+    _move_momentum(optimizer, momentum, nesterov, compensate_weight_decay=compensate_weight_decay)
     logger.info("DGC: %s registered on %s", hook.__name__, type(ddp.module).__name__)
     return state

@@ -153,7 +153,12 @@ def _register(rank: int, world: int) -> dict:
     out["groups"] = _outcome(lambda: register_dgc(m, torch.optim.SGD(groups, lr=0.1)))
     out["dampening"] = _outcome(lambda: register_dgc(m, sgd(m, momentum=0.9, dampening=0.1)))
     out["momentum_kwarg"] = _outcome(lambda: register_dgc(m, sgd(m), momentum=0.5))
-    out["bad_density"] = _outcome(lambda: register_dgc(m, sgd(m), density=0))
+    refused_opt = sgd(m, momentum=0.9, weight_decay=1e-3)
+    out["bad_density"] = _outcome(lambda: register_dgc(m, refused_opt, density=0))
+    g = refused_opt.param_groups[0]
+    out["refused_opt"] = (g["momentum"], g["weight_decay"])  # a refusal changes nothing
+    out["twice_opt"] = _outcome(lambda: register_dgc(ddp, refused_opt))
+    out["twice_opt_unchanged"] = (g["momentum"], g["weight_decay"])
 
     m = DDP(mlp())
     opt = sgd(m, momentum=0.9, nesterov=True)
@@ -200,6 +205,8 @@ def test_register_dgc():
         "TypeError: register_dgc takes momentum from the optimizer"
     )
     assert out["bad_density"] == "ValueError: density must be in (0, 1], got 0"
+    assert out["refused_opt"] == out["twice_opt_unchanged"] == (0.9, 1e-3)
+    assert out["twice_opt"].startswith("RuntimeError: this DDP model already has")
     assert out["sgd"] == (0.9, True, [0.0], False, 6)  # moved, not applied twice
     # SGD's decay no longer passes through momentum: x 1/(1-m) keeps its strength
     assert out["weight_decay"][0] == pytest.approx([1e-3 / 0.2, 0.0])
@@ -264,6 +271,24 @@ def test_residuals_follow_loss_scale_changes():
     state.grad_scaler.scale = 512.0  # GradScaler backed off
     state._begin_step()
     assert torch.equal(st.u, torch.full((64,), 1.5)) and torch.equal(st.v, torch.full((64,), 2.0))
+
+    # Resumed without a scaler (fp16 -> fp32): residuals return to unscaled units, clipping too.
+    state.attach([("w", p)])
+    saved = state.state_dict()
+    plain = DGCState()
+    plain.attach([("w", p)])
+    plain.load_state_dict(saved)
+    plain._begin_step()
+    assert plain._scale is None
+    assert torch.equal(plain._params[p].v, torch.full((64,), 2.0 / 512))
+    # and back (fp32 -> fp16): into the new loss scale's units.
+    scaled = DGCState()
+    scaled.grad_scaler = _Scaler()
+    scaled.attach([("w", p)])
+    plain._step_open = False
+    scaled.load_state_dict(plain.state_dict())
+    scaled._begin_step()
+    assert torch.equal(scaled._params[p].v, torch.full((64,), 2.0 / 512 * 1024))
 
 
 def _fp16_overflow(rank: int, world: int) -> dict:
