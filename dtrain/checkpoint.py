@@ -59,8 +59,8 @@ SHARED = "shared.pt"
 
 # Config keys that must match to resume: they define the model's shape, the data it sees and the
 # layout of the saved optimizer/hook state. A key ending in "." covers a whole section.
-# Hyperparameters (learning rate, run.max_steps, run.epochs, ...) may change: a resumed run may
-# be extended or fine-tuned.
+# Hyperparameters (learning rate, weight decay, run.max_steps, run.epochs, ...) may change: a
+# resumed run may be extended or fine-tuned; the trainer applies the config's values on resume.
 COMPATIBLE_KEYS = (
     "model.",
     "data.name",
@@ -70,7 +70,9 @@ COMPATIBLE_KEYS = (
     "data.synthetic_size",
     "data.test_fraction",
     "optim.name",
+    "optim.decay_norm_and_bias",  # the number of param groups the optimizer state has
     "comm.hook",
+    "comm.hierarchical",  # the hook state's layout (whole parameters or shares)
 )
 
 _STEP_DIR = re.compile(r"step_(\d{8})(\.old)?")

@@ -297,7 +297,8 @@ class CommConfig:
         _choice(s, "value_dtype", self.value_dtype, ("float32", "float16", "bfloat16"))
         _choice(s, "exchange", self.exchange, ("auto", "sparse", "dense"))
         _at_least(s, "powersgd_rank", self.powersgd_rank, 1)
-        _at_least(s, "powersgd_start_iter", self.powersgd_start_iter, 1)
+        # PyTorch's PowerSGD needs allreduce steps first (DDP rebuilds its buckets after one).
+        _at_least(s, "powersgd_start_iter", self.powersgd_start_iter, 2)
 
 
 @dataclass

@@ -241,11 +241,30 @@ class Trainer:
         return state
 
     def _load(self, shared: dict, mine: dict) -> None:
-        self.optimizer.load_state_dict(shared["optimizer"])
+        # The config's learning rate and weight decay win over the checkpoint's (a resumed run
+        # may be fine-tuned); with the same config the values are the same, bit for bit.
+        base_lrs = list(self.scheduler.base_lrs)
+        decays = [g["weight_decay"] for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(shared["optimizer"])  # new param group dicts
+        groups = self.optimizer.param_groups
         self.scheduler.load_state_dict(shared["scheduler"])
+        self.scheduler.base_lrs = base_lrs
+        lrs = [
+            b * f(self.scheduler.last_epoch)
+            for b, f in zip(base_lrs, self.scheduler.lr_lambdas, strict=True)
+        ]
+        for g, lr0, lr, wd in zip(groups, base_lrs, lrs, decays, strict=True):
+            g.update(initial_lr=lr0, lr=lr, weight_decay=wd)
+        self.scheduler._last_lr = lrs
         if self.scaler is not None and shared.get("scaler"):
             self.scaler.load_state_dict(shared["scaler"])
-        self.hook_state.load_state_dict(mine["hook"])
+        try:
+            self.hook_state.load_state_dict(mine["hook"])
+        except (ValueError, KeyError) as e:  # the same on every rank: another node layout
+            raise UserError(
+                f"the checkpoint's {self.cfg.comm.hook} hook state does not fit this job ({e}): "
+                f"resume with the ranks per node it was saved with, or start a new run"
+            ) from None
         set_rng_state(mine["rng"])
         self.step = int(shared["step"])
         logger.info("resumed from %s at step %d", self.resume_path, self.step)

@@ -9,6 +9,7 @@ for every dense hook); dense bytes are the fp32 gradient buckets DDP's allreduce
 Note: no ``from __future__ import annotations`` here — DDP inspects the hook's annotations.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
 __all__ = ["CountingState", "counted", "counting_hook"]
+
+logger = logging.getLogger(__name__)
 
 
 class CountingState:
@@ -48,8 +51,9 @@ class CountingState:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Step count and byte totals. PowerSGD's error feedback is keyed by DDP's bucket index,
-        which a rebuilt DDP model may assign differently, so it restarts on resume."""
+        """Step count and byte totals. PowerSGD's error feedback and low-rank factors are keyed
+        by DDP's bucket index, which a rebuilt DDP model assigns anew after its first step, so
+        they restart on resume: two allreduce steps, then compression with fresh memories."""
         out: dict[str, Any] = {"iter": self.iter, "sent": self._total[0], "dense": self._total[1]}
         if self.name == "powersgd":
             out["powersgd_iter"] = self.inner.iter
@@ -59,7 +63,17 @@ class CountingState:
         self.iter = int(state["iter"])
         self._total = [int(state["sent"]), int(state["dense"])]
         if self.name == "powersgd":
-            self.inner.iter = int(state["powersgd_iter"])
+            inner = self.inner
+            inner.iter = int(state["powersgd_iter"])
+            if inner.iter >= inner.start_powerSGD_iter:
+                # Like a fresh start: allreduce until DDP has rebuilt its buckets.
+                inner.start_powerSGD_iter = inner.iter + 2
+                logger.info(
+                    "PowerSGD resumed at step %d: error feedback restarts, compression from "
+                    "step %d (allreduce while DDP rebuilds its buckets)",
+                    inner.iter,
+                    inner.start_powerSGD_iter,
+                )
 
 
 def counting_hook(

@@ -126,3 +126,27 @@ def test_hierarchical_dgc_in_the_job(tmp_path):
     assert sent(hier) < 0.7 * sent(flat)
     assert hier[0][0]["test_accuracy"] > 50  # flat DGC: ~74 after these 30 steps
     assert abs(hier[0][0]["test_accuracy"] - flat[0][0]["test_accuracy"]) < 10
+
+
+def _resume_groups(rank, world, out_dir, args):
+    cfg = load_config(
+        "configs/digits.toml", ["--logging.progress=false", f"--run.out_dir={out_dir}", *args]
+    )
+    info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo", "test")
+    trainer = Trainer(cfg, info)
+    groups = [(g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups]
+    step = trainer.step
+    trainer.close()
+    return step, groups
+
+
+def test_resume_applies_the_configs_learning_rate_and_weight_decay(tmp_path):
+    base = ["--run.name=r", "--optim.schedule=constant", "--optim.warmup_epochs=0"]
+    run_ranks(_train, 2, str(tmp_path), [*base, "--run.max_steps=4"])
+    fine_tune = [*base, "--run.max_steps=8", "--checkpoint.resume=auto", "--optim.lr=0.01"]
+    step, groups = run_ranks(
+        _resume_groups, 2, str(tmp_path), [*fine_tune, "--optim.weight_decay=0.001"]
+    )[0]
+    assert step == 4
+    # SGD momentum 0.9 moved into DGC: weight decay x 1/(1-0.9) (biases and norms: no decay)
+    assert groups == [(0.01, pytest.approx(0.01)), (0.01, 0.0)]

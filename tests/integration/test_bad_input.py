@@ -52,6 +52,7 @@ def run_ok(argv):
         (["--data.batch_size=4096"], "lower data.batch_size"),
         (["--run.precision=fp16", "--run.device=cpu"], "needs a GPU"),
         (["--model.name=lstm_lm"], "lstm_lm"),
+        (["--comm.hook=powersgd", "--comm.powersgd_start_iter=1"], "powersgd_start_iter must be"),
         (["--checkpoint.resume=/nonexistent/step_00000001"], "/nonexistent/step_00000001"),
     ],
 )
@@ -81,6 +82,9 @@ def test_checkpoints_from_another_model_world_size_or_run(tmp_path, capsys):
     fails(capsys, base, "already holds a run", out)
     # Another model cannot load these weights.
     fails(capsys, [*base, "--resume", "--model.width=32"], "model.width", out)
+    # Nor another layout of the optimizer's or the hook's state.
+    fails(capsys, [*base, "--resume", "--optim.decay_norm_and_bias=true"], "decay_norm", out)
+    fails(capsys, [*base, "--resume", "--comm.hierarchical=true"], "comm.hierarchical", out)
     # Residuals belong to ranks: another world size is refused (checked as a launcher does).
     os.environ["WORLD_SIZE"] = "2"
     try:

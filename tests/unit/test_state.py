@@ -93,3 +93,25 @@ def test_make_hook_rejects_unknown_names_and_arguments():
         make_hook("fp16", density=0.1)
     with pytest.raises(ValueError, match="density must be in"):
         make_hook("dgc", density=2.0)
+
+
+def test_powersgd_restarts_its_memories_after_allreduce_steps_on_resume():
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    from dtrain.comm.counting import counted
+
+    def fresh(start):
+        inner = powerSGD_hook.PowerSGDState(None, start_powerSGD_iter=start)
+        return counted("powersgd", inner, powerSGD_hook.powerSGD_hook)[0]
+
+    saved = fresh(10)
+    saved.iter, saved.inner.iter = 20, 20
+    resumed = fresh(10)
+    resumed.load_state_dict(saved.state_dict())
+    # Compressing on a rebuilt DDP model's first step would pair memories with the wrong
+    # buckets: two allreduce steps first, as at a fresh start.
+    assert (resumed.iter, resumed.inner.iter, resumed.inner.start_powerSGD_iter) == (20, 20, 22)
+    early = fresh(10)
+    saved.inner.iter = 5  # saved before compression started: the schedule stays
+    early.load_state_dict(saved.state_dict())
+    assert (early.inner.iter, early.inner.start_powerSGD_iter) == (5, 10)
