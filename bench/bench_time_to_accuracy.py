@@ -4,7 +4,7 @@ Command (as root, from the repository root; defaults shown)::
 
     .venv/bin/python bench/bench_time_to_accuracy.py --config configs/digits.toml \\
         --rate 100mbit --nodes 2 --hooks allreduce,dgc [--md out.md] [--json out.json] \\
-        [-- --section.key=value ...]
+        [--hook-args dgc=--run.epochs=50] [-- --section.key=value ...]
 
 For each hook it runs ``python -m dtrain.train --config CONFIG --comm.hook=H`` (plus the
 overrides after ``--``) on ``--nodes`` network namespaces of ``bench/netsim.py`` with each node's
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace, hook: str) -> list[dict]:
         "--config", args.config, f"--comm.hook={hook}", f"--run.out_dir={out.resolve()}",
         f"--run.name={name}", "--logging.progress=false", f"--run.eval_every={args.eval_every}",
         "--checkpoint.resume=", "--checkpoint.every_steps=0", *args.extra,
+        *args.hook_extra.get(hook, []),
     ]  # fmt: skip
     run_dir = out / name
     if run_dir.exists():
@@ -69,8 +70,20 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_tta")
     ap.add_argument("--md")
     ap.add_argument("--json")
+    ap.add_argument(
+        "--hook-args",
+        action="append",
+        default=[],
+        metavar="HOOK=OVERRIDES",
+        help="overrides for one hook's run only, e.g. 'dgc=--run.epochs=50' (a hook whose steps "
+        "are cheaper may take more of them: time to accuracy is what counts); repeatable",
+    )
     ap.add_argument("extra", nargs="*", help="overrides for every run, after --")
     args = ap.parse_args()
+    args.hook_extra = {}
+    for item in args.hook_args:
+        hook, _, overrides = item.partition("=")
+        args.hook_extra.setdefault(hook, []).extend(overrides.split())
     hooks = [h for h in args.hooks.split(",") if h]
     runs = {h: run(args, h) for h in hooks}
     summaries = {h: runs[h][-1] for h in hooks}
@@ -87,8 +100,10 @@ def main() -> None:
             f"{t:.1f}" if t is not None else "never",
             f"{tt[hooks[0]] / t:.1f}x" if t and tt[hooks[0]] else "-",
         ])  # fmt: skip
+    per_hook = "".join(f"; {h} also {' '.join(x)}" for h, x in args.hook_extra.items())
     text = (
-        f"{args.config} {' '.join(args.extra)}; {args.nodes} nodes x 1 rank at {args.rate}; "
+        f"{args.config} {' '.join(args.extra)}{per_hook}; {args.nodes} nodes x 1 rank at "
+        f"{args.rate}; "
         f"target = {hooks[0]}'s final {metric} {target:.2f}; eval every {args.eval_every} steps\n\n"
         + md_table(
             [
