@@ -317,7 +317,8 @@ class DGCState:
             "ratio_total": total.dense / total.sent if total.sent else 0.0,
             "select_seconds": last.select_s,
             "select_seconds_total": total.select_s,
-            "skipped_steps": self.skipped_steps,
+            # a step found non-finite counts at once, not only when the next step commits
+            "skipped_steps": self.skipped_steps + int(self._step_bad),
         }
 
     # ------------------------------------------------------------------ checkpointing

@@ -309,9 +309,10 @@ def _fp16_overflow(rank: int, world: int) -> dict:
         blow_up[0] = step == 2 and rank == 1
         loss.backward()
         finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
+        skipped_now = state.stats()["skipped_steps"]  # before the next step commits or drops
         state._finish_step()
         residuals = [st.v.clone() for st in state._params.values() if st.v is not None]
-        out.append({"finite": bool(finite), "residuals": residuals})
+        out.append({"finite": bool(finite), "residuals": residuals, "skipped_now": skipped_now})
         if finite:
             opt.step()
     return {"log": out, "skipped": state.skipped_steps}
@@ -320,6 +321,7 @@ def _fp16_overflow(rank: int, world: int) -> dict:
 def test_fp16_overflow_when_packing_skips_the_step_everywhere():
     for r in run_ranks(_fp16_overflow, 2):
         assert [e["finite"] for e in r["log"]] == [True, True, False, True]
+        assert [e["skipped_now"] for e in r["log"]] == [0, 0, 1, 1]
         assert r["skipped"] == 1
         before, during = r["log"][1]["residuals"], r["log"][2]["residuals"]
         assert all(torch.equal(a, b) for a, b in zip(before, during, strict=True))
