@@ -87,6 +87,8 @@ class RunConfig:
         _choice(s, "precision", self.precision, ("fp32", "bf16", "fp16"))
         _at_least(s, "grad_accum", self.grad_accum, 1)
         _at_least(s, "threads", self.threads, 0)
+        if not 0 <= self.seed < 2**32:  # torch generators take 64 bits; rank seeds add to it
+            raise UserError(f"run.seed must be in [0, 2**32), got {self.seed!r}")
         if "/" in self.name or self.name in (".", ".."):
             raise UserError(f"run.name must be a plain directory name, got {self.name!r}")
 

@@ -199,7 +199,7 @@ def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = pickle.load(f, encoding="bytes")
         data = np.asarray(batch.get(b"data", batch.get("data")), dtype=np.uint8)
         labels = np.asarray(batch.get(b"labels", batch.get("labels")), dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+    except Exception as e:  # whatever a foreign or damaged pickle raises (ImportError, KeyError...)
         raise UserError(f"{file} is not a CIFAR-10 python batch ({e}): re-extract it") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
         raise UserError(
@@ -296,7 +296,10 @@ def _text_files(path: str) -> list[Path]:
 
 def _load_text(path: str, *, seq_len: int, test_fraction: float) -> Datasets:
     files = _text_files(path)
-    text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    try:
+        text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    except OSError as e:
+        raise UserError(f"data.path {path}: cannot read {e.filename}: {e.strerror}") from None
     n_test = int(len(text) * test_fraction)
     n_train = len(text) - n_test
     if min(n_train, n_test) < seq_len + 1:

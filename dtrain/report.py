@@ -182,9 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="output directory (default: FIRST_RUN/plots)"
     )
     args = parser.parse_args(argv)
+    out = args.out or args.runs[0] / "plots"
     try:
         runs = [load_run(d) for d in args.runs]
-        written, skipped = plot_runs(runs, args.out or args.runs[0] / "plots")
+        try:
+            written, skipped = plot_runs(runs, out)
+        except OSError as e:  # --out names a file, or a directory that cannot be written
+            raise UserError(
+                f"cannot write plots to {out}: {e.strerror or e}: use --out DIR"
+            ) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -15,7 +15,8 @@ torchrun, several nodes (run on every node; c10d rendezvous on the first)::
         --rdzv_id=job42 -m dtrain.train --config configs/resnet18_cifar10.toml
 
 Slurm: ``sbatch --nodes=2 slurm/train.sbatch`` (torchrun per node) or
-``sbatch --ntasks=16 slurm/train_srun.sbatch`` (``srun python -m dtrain.train``, no torchrun).
+``sbatch --nodes=2 --ntasks-per-node=8 slurm/train_srun.sbatch`` (``srun python -m
+dtrain.train``, no torchrun).
 
 Options: ``--config FILE`` (TOML, see ``configs/``), ``--section.key=value`` overrides (checked
 against the config's fields and types), ``--resume`` (continue from the newest complete checkpoint

@@ -16,7 +16,11 @@ fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
 if ! nvidia-smi -L >/dev/null 2>&1; then
-    "${pip[@]}" "torch==2.13.0"  # the CPU build here (find-links / CPU index); no-op if present
+    # PyPI's Linux torch wheel is the CUDA build: take the CPU build from PyTorch's CPU index
+    # (a local find-links / mirror that holds it also serves); plain PyPI only if that fails.
+    # A no-op when torch 2.13.0 is already installed.
+    "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu --timeout 20 --retries 1 \
+        "torch==2.13.0" || "${pip[@]}" "torch==2.13.0"
 fi
 "${pip[@]}" -e ".[dev]"
 

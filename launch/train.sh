@@ -15,7 +15,11 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [[ -n ${CUDA_VISIBLE_DEVICES+x} ]]; then  # the GPUs this job may use, not all the node has
+    gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c '[^[:space:]]' || true)
+else
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
 NPROC=${NPROC:-$((gpus > 0 ? gpus : 2))}
 NNODES=${NNODES:-1}
 CONFIG=${CONFIG:-configs/digits.toml}

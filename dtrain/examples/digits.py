@@ -52,7 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--hook", choices=("dgc", "allreduce"), default="dgc")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1 or args.warmup_epochs < 0:
+        p.error("--epochs and --batch-size must be >= 1, --warmup-epochs >= 0")
+    if not 0 < args.density <= 1:
+        p.error(f"--density must be in (0, 1], got {args.density}")
+    return args
 
 
 def init_distributed(tmp: str) -> torch.device:

@@ -97,7 +97,9 @@ def test_train_sbatch_torchrun_per_node(cluster: SlurmCluster, tmp_path: Path) -
 
 def test_train_srun_sbatch_one_task_per_process(cluster: SlurmCluster, tmp_path: Path) -> None:
     """Two tasks on two nodes, ranks from SLURM_PROCID, no torchrun: a world of 2."""
-    started = _run(cluster, "slurm/train_srun.sbatch", ["--nodes=2", "--ntasks=2"], tmp_path)
+    # As the README has it: nodes x tasks per node, replacing the script's #SBATCH lines.
+    opts = ["--nodes=2", "--ntasks-per-node=1"]
+    started = _run(cluster, "slurm/train_srun.sbatch", opts, tmp_path)
     assert [c.split()[:2] for c in started] == [["n1", "0"], ["n2", "1"]], started
     for c in started:
         assert c.split()[2:5] == ["-m", "dtrain.train", "--config"], c

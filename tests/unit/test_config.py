@@ -99,3 +99,10 @@ def test_to_dict_holds_plain_values_only():
 
     assert all(plain(v) for sec in d.values() for v in sec.values())
     assert set(d) == {f.name for f in dataclasses.fields(JobConfig)}
+
+
+def test_seed_out_of_range_is_one_line():
+    from dtrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"run.seed must be in \[0, 2\*\*32\)"):
+        load_config(None, ["--run.seed=18446744073709551616"])

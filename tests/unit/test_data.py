@@ -176,6 +176,17 @@ def test_text_errors(tmp_path):
         load_data(DataConfig(name="text", path=str(tmp_path), seq_len=64), seed=0)
 
 
+def test_unreadable_text_file_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("x" * 10_000)
+
+    def denied(self, *args, **kwargs):  # as root, chmod cannot make a file unreadable
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(UserError, match=r"cannot read .*a\.txt: Permission denied"):
+        load_data(DataConfig(name="text", path=str(tmp_path)), seed=0)
+
+
 # --------------------------------------------------------------------------------- synthetic
 
 

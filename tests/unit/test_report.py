@@ -97,3 +97,12 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, setup, message):
     assert err.count("\n") == 1
     assert re.search(message, err)
     assert not (d / "plots").exists()
+
+
+def test_out_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
+    fake_run(tmp_path / "a", ratio=100.0)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main([str(tmp_path / "a"), "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write plots to" in err, err
