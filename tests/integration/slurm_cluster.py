@@ -87,8 +87,17 @@ class SlurmCluster:
     def job_state(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, ExitCode, NumNodes ...); accounting is
         off, but slurmctld keeps finished jobs here (``MinJobAge=0``)."""
-        out = self.run("scontrol", "show", "job", "--oneliner", job_id).stdout
-        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+        # slurmctld on a loaded 2-core host sometimes misses scontrol's request ("Socket timed
+        # out"): ask again for a while before giving up.
+        deadline = time.monotonic() + 30
+        while True:
+            r = self.run("scontrol", "show", "job", "--oneliner", job_id)
+            state = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+            if "JobState" in state or time.monotonic() > deadline:
+                if "JobState" not in state:
+                    state["scontrol_error"] = r.stderr.strip()
+                return state
+            time.sleep(1)
 
     def logs(self, pattern: str = "*", tail: int = 40) -> str:
         """The last lines of the daemons' logs (``*.log``, and ``*.out`` their stdout and stderr,

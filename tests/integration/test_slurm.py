@@ -68,7 +68,10 @@ def _run(cluster: SlurmCluster, script: str, sbatch_opts: list[str], tmp_path: P
     assert result.returncode == 0, cluster.describe(result)
     job_id = result.stdout.strip().split(";")[0]
     state = cluster.job_state(job_id)
-    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), cluster.describe(result)
+    assert (state.get("JobState"), state.get("ExitCode")) == ("COMPLETED", "0:0"), (
+        state,
+        cluster.describe(result),
+    )
     assert state["NumNodes"] == "2", state
     output = cluster.job_output(job_id)
     assert "for 2 process(es)" in output, output  # the --check before the launch
