@@ -202,6 +202,7 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
         )
         self.step = 0
+        self.step_lr = 0.0  # the learning rate of the last step taken
         if self.resumed:
             self._load(*self.resumed)
         else:
@@ -326,6 +327,7 @@ class Trainer:
             if clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
+        self.step_lr = self.scheduler.get_last_lr()[0]  # what this step used (for the log)
         self.scheduler.step()
 
     # ------------------------------------------------------------------ metrics
@@ -430,7 +432,7 @@ class Trainer:
                         line = self._metric(loss_sum / max(count, 1.0), correct, count)
                         samples = cfg.data.batch_size * window_steps
                         line.update(
-                            lr=self.scheduler.get_last_lr()[0],
+                            lr=self.step_lr,
                             samples_per_s=samples / elapsed,
                             step_time_s=elapsed / window_steps,
                             epoch=self.step / spe,

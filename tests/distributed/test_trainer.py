@@ -155,3 +155,20 @@ def test_resume_applies_the_configs_learning_rate_and_weight_decay(tmp_path):
     assert step == 4
     # SGD momentum 0.9 moved into DGC: weight decay x 1/(1-0.9) (biases and norms: no decay)
     assert groups == [(0.01, pytest.approx(0.01)), (0.01, 0.0)]
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    import json
+
+    from dtrain.optim import lr_factor
+
+    args = ["--run.max_steps=10", "--run.name=lr", "--logging.every_steps=1"]
+    run_ranks(_train, 2, str(tmp_path), args)
+    cfg = load_config("configs/digits.toml", args)
+    lines = [json.loads(x) for x in (tmp_path / "lr/metrics.jsonl").read_text().splitlines()]
+    logged = [x["lr"] for x in lines if x["kind"] == "train"]
+    # Step s (1-based in the log) trained with factor(s - 1); the cosine's last step is not 0.
+    want = [
+        cfg.optim.lr * lr_factor(cfg.optim, s, total_steps=10, warmup_steps=0) for s in range(10)
+    ]
+    assert logged == pytest.approx(want) and logged[-1] > 0
