@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"
+STEP_METRIC = "trainer/step"  # wandb charts against this, not its own step counter
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -175,7 +176,10 @@ class MetricsLogger(NullLogger):
         values = {k: _plain(v) for k, v in metrics.items()}
         self._write({"kind": kind, "step": step, "time": round(self.elapsed, 3), **values})
         if self._wandb is not None:
-            self._wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+            # The optimizer step is a logged metric, not wandb's own step: a resumed run logs
+            # again the steps its predecessor logged after the last checkpoint, which wandb
+            # would drop as "not monotonically increasing".
+            self._wandb.log({STEP_METRIC: step, **{f"{kind}/{k}": v for k, v in values.items()}})
         text = f"{kind} step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         if self._bar is None:
             logger.info(text)
@@ -240,7 +244,7 @@ def _start_wandb(
         run_id = uuid.uuid4().hex[:8]
         atomic_write_text(id_file, run_id + "\n")
     try:
-        return wandb.init(
+        run = wandb.init(
             project=cfg.wandb_project,
             name=run_dir.name,
             id=run_id,
@@ -251,6 +255,9 @@ def _start_wandb(
             # No console capture: it would wrap stdout/stderr under the progress bar.
             settings=wandb.Settings(console="off", silent=True),
         )
+        run.define_metric(STEP_METRIC)
+        run.define_metric("*", step_metric=STEP_METRIC)  # charts against the optimizer step
+        return run
     except Exception as e:  # wandb's own errors: not logged in, no network, bad project
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = "run `wandb login`, or " if cfg.wandb == "online" else ""

@@ -168,3 +168,35 @@ def test_progress_bar_on_a_tty_starts_at_start_step(tmp_path, monkeypatch):
     m.close()
     out = sys.stderr.getvalue()
     assert "6/10" in out and "loss=0.25" in out and "eval step 6: test_loss 0.5" in out
+
+
+def test_a_resumed_run_logs_earlier_steps_to_wandb_again(tmp_path, monkeypatch):
+    """wandb drops a log() whose step is below its current one; a resumed run repeats the steps
+    logged after the last checkpoint, so the optimizer step travels as a metric instead."""
+    wandb = pytest.importorskip("wandb")
+    calls = []
+
+    class FakeRun:
+        def __init__(self):
+            self.summary = {}
+
+        def define_metric(self, name, **kw):
+            calls.append(("define", name, kw))
+
+        def log(self, data, step=None):
+            calls.append(("log", data, step))
+
+        def finish(self, exit_code=0):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun())
+    with make(tmp_path, wandb="offline") as m:
+        m.log(30, {"loss": 1.0})
+    with make(tmp_path, wandb="offline", start_step=20, resume=True) as m:
+        m.log(21, {"loss": 0.9})
+    assert ("define", "*", {"step_metric": "trainer/step"}) in calls
+    logs = [c for c in calls if c[0] == "log"]
+    assert [(d["trainer/step"], d["train/loss"], step) for _, d, step in logs] == [
+        (30, 1.0, None),
+        (21, 0.9, None),  # no step=: wandb keeps it
+    ]
