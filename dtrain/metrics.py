@@ -23,6 +23,7 @@ import math
 import sys
 import time
 import uuid
+from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -31,7 +32,14 @@ from dtrain.checkpoint import atomic_write_text
 from dtrain.config import LoggingConfig
 from dtrain.errors import UserError
 
-__all__ = ["MetricsLogger", "NullLogger", "format_summary", "make_logger", "read_metrics"]
+__all__ = [
+    "MetricsLogger",
+    "NullLogger",
+    "check_wandb",
+    "format_summary",
+    "make_logger",
+    "read_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +230,15 @@ class MetricsLogger(NullLogger):
         self.close(failed=exc_type is not None)
 
 
+def check_wandb(cfg: LoggingConfig) -> None:
+    """UserError when ``cfg.wandb`` asks for wandb and it is not installed (nothing imported)."""
+    if cfg.wandb != "disabled" and find_spec("wandb") is None:
+        raise UserError(
+            f"logging.wandb = {cfg.wandb!r} needs wandb: pip install wandb "
+            f"(or --logging.wandb=disabled)"
+        )
+
+
 def _start_wandb(
     cfg: LoggingConfig, run_dir: Path, *, config: dict[str, Any], resume: bool
 ) -> Any | None:
@@ -231,13 +248,9 @@ def _start_wandb(
     """
     if cfg.wandb == "disabled":
         return None
-    try:
-        import wandb
-    except ImportError:
-        raise UserError(
-            f"logging.wandb = {cfg.wandb!r} needs wandb: pip install wandb "
-            f"(or --logging.wandb=disabled)"
-        ) from None
+    check_wandb(cfg)
+    import wandb
+
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
     if not run_id:

@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import time
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from dtrain.config import CommConfig, JobConfig, to_dict, to_toml
 from dtrain.data import ShardedLoader, load_data
 from dtrain.distributed import DistInfo, raise_together
 from dtrain.errors import UserError
-from dtrain.metrics import MetricsLogger, NullLogger, make_logger
+from dtrain.metrics import MetricsLogger, NullLogger, check_wandb, make_logger
 from dtrain.models import build_model
 from dtrain.optim import build_optimizer, build_scheduler
 
@@ -155,11 +154,8 @@ class Trainer:
             shared, mine = self.checkpointer.load(self.resume_path)
             check_compatible(shared["config"], to_dict(cfg))
             self.resumed = (shared, mine)
-        if cfg.logging.wandb != "disabled" and info.is_main and not find_spec("wandb"):
-            raise UserError(
-                f"logging.wandb = {cfg.logging.wandb!r} needs wandb: pip install wandb "
-                f"(or --logging.wandb=disabled)"
-            )
+        if info.is_main:
+            check_wandb(cfg.logging)
         return model
 
     def _build(self, model: nn.Module) -> None:

@@ -1,6 +1,7 @@
 """Every mistake a user can make gives one line naming it, exit code 2, and writes nothing."""
 
 import os
+import sys
 
 import pytest
 
@@ -131,3 +132,9 @@ def test_wandb_that_cannot_start_leaves_no_run_directory(tmp_path, capsys, monke
     assert len(errors) == 1 and "could not start" in errors[0], err
     assert "Traceback" not in err
     assert not out.exists()  # the run directory it had made is gone again
+
+
+def test_missing_wandb_is_caught_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    out = tmp_path / "runs"
+    fails(capsys, [*DIGITS, f"--run.out_dir={out}", "--logging.wandb=offline"], "needs wandb", out)
