@@ -9,7 +9,6 @@ shaped links and show up in the interfaces' counters.
 
 Commands (as root; from the repository root)::
 
-    .venv/bin/python bench/netsim.py selftest --rate 100mbit          # measured Mbit/s, 2 nodes
     .venv/bin/python bench/netsim.py run --nodes 2 --rate 1gbit --nproc-per-node 1 \\
         --threads 1 --timeout 600 -- -m dtrain.train --config configs/digits.toml
     .venv/bin/python bench/netsim.py cleanup                          # remove dtrain-* leftovers
@@ -25,6 +24,8 @@ prints each node's exit code and the bytes its interface sent and received (coun
 ``dtrain-v<i>`` over the run, Ethernet/IP/TCP headers included) and always removes everything it
 made: on success, on failure, on Ctrl-C, SIGTERM or SIGHUP. A ``SIGKILL`` cannot be caught;
 ``cleanup`` (or the next run, which removes leftovers of its own names first) cleans up then.
+``bench/netsim_selftest.py --rate 100mbit`` measures what the shaping delivers; it builds on
+this module (which needs only the standard library and imports nothing else of ``bench/``).
 Only one netsim cluster can exist at a time (the names are fixed): a lock file
 ``/run/lock/dtrain-netsim.lock`` makes a second run fail with one line instead of tearing down
 the first one's namespaces.
@@ -443,9 +444,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--log-dir", help="node<i>.log files (default: a temporary directory)")
     r.add_argument("--json", help="write the per-node results here")
     r.add_argument("target", nargs=argparse.REMAINDER, help="-- script.py args | -- -m mod args")
-    s = sub.add_parser("selftest", help="measure the shaped rate between two namespaces")
-    s.add_argument("--rate", default="100mbit")
-    s.add_argument("--seconds", type=float, default=2.0)
     sub.add_parser("cleanup", help="remove leftover dtrain-* namespaces and links")
     args = ap.parse_args(argv)
 
@@ -454,15 +452,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "cleanup":
             removed = cleanup()
             print(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
-            return 0
-        if args.cmd == "selftest":
-            from netsim_selftest import selftest  # bench/ is on sys.path: this file's folder
-
-            res = selftest(args.rate, args.seconds)
-            print(
-                f"rate {args.rate}: one way {res['one_way_mbit']:.1f} Mbit/s; both ways at once "
-                f"{res['ns0_to_ns1_mbit']:.1f} and {res['ns1_to_ns0_mbit']:.1f} Mbit/s"
-            )
             return 0
         target = args.target[1:] if args.target[:1] == ["--"] else args.target
         if not target:

@@ -1,4 +1,8 @@
-"""``netsim.py selftest``: measure the shaped rate between two namespaces of a netsim cluster.
+"""Measure the shaped rate between two namespaces of a netsim cluster (``bench/netsim.py``).
+
+As root, from the repository root::
+
+    .venv/bin/python bench/netsim_selftest.py --rate 100mbit     # measured Mbit/s, 2 nodes
 
 A receiver in one namespace counts the bytes a sender in the other pushes through the shaped
 veths for a few seconds (one way, then both ways at once). The sender and receiver run as this
@@ -6,6 +10,8 @@ file's hidden subcommands inside the namespaces::
 
     python bench/netsim_selftest.py _recv --port P --seconds S
     python bench/netsim_selftest.py _send --addr A --port P --seconds S
+
+This file builds on netsim's :class:`Cluster`; netsim.py imports nothing from it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from netsim import Cluster, _stop
+from netsim import Cluster, NetsimError, _stop, install_signal_handlers
 
 __all__ = ["selftest"]
 
@@ -99,8 +105,9 @@ def selftest(rate: str, seconds: float = 2.0) -> dict[str, float]:
     return {"one_way_mbit": one_way, "ns0_to_ns1_mbit": both[0], "ns1_to_ns0_mbit": both[1]}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _hidden(argv: Sequence[str]) -> int:
+    """``_recv``/``_send``: the two ends of a measurement, run inside the namespaces."""
+    ap = argparse.ArgumentParser(prog="netsim_selftest.py")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("_recv", "_send"):
         h = sub.add_parser(name)
@@ -112,6 +119,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         _recv(args.port, args.seconds)
     else:
         _send(args.addr, args.port, args.seconds)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["_recv"], ["_send"]):
+        return _hidden(argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", default="100mbit", help="unlimited, 10gbit, 1gbit, 100mbit, ...")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
+    args = ap.parse_args(argv)
+    install_signal_handlers()
+    try:
+        res = selftest(args.rate, args.seconds)
+    except NetsimError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("netsim: interrupted; namespaces removed", file=sys.stderr)
+        return 130
+    print(
+        f"rate {args.rate}: one way {res['one_way_mbit']:.1f} Mbit/s; both ways at once "
+        f"{res['ns0_to_ns1_mbit']:.1f} and {res['ns1_to_ns0_mbit']:.1f} Mbit/s"
+    )
     return 0
 
 

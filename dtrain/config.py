@@ -269,6 +269,10 @@ class CommConfig:
     pairs), ``dense`` (scattered into a zero buffer that is allreduced) or ``auto`` (per bucket,
     whichever sends fewer bytes; the all-gather loses past about 1/density ranks, see
     ``docs/costmodel.md``)."""
+    weight_decay: str = "momentum"
+    """DGC with SGD: where weight decay goes once SGD's momentum is in the hook: ``momentum`` (in
+    the hook, with a decay-only momentum buffer: exactly SGD's), ``scaled`` (the optimizer's,
+    x 1/(1-m)) or ``optimizer`` (the optimizer's, as given). Never communicated."""
     hierarchical: bool = False
     """DGC: average densely inside each node and compress only across nodes (ranks per node:
     the launcher's local world size; every node must run as many)."""
@@ -298,6 +302,7 @@ class CommConfig:
         _at_least(s, "min_compress_numel", self.min_compress_numel, 1)
         _choice(s, "value_dtype", self.value_dtype, ("float32", "float16", "bfloat16"))
         _choice(s, "exchange", self.exchange, ("auto", "sparse", "dense"))
+        _choice(s, "weight_decay", self.weight_decay, ("momentum", "scaled", "optimizer"))
         _at_least(s, "powersgd_rank", self.powersgd_rank, 1)
         # PyTorch's PowerSGD needs allreduce steps first (DDP rebuilds its buckets after one).
         _at_least(s, "powersgd_start_iter", self.powersgd_start_iter, 2)
@@ -372,7 +377,8 @@ class JobConfig:
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.type for f in dataclasses.fields(JobConfig)}
+    # f.type is the section's class: this module has no `from __future__ import annotations`.
+    return {f.name: typing.cast(type, f.type) for f in dataclasses.fields(JobConfig)}
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -463,9 +469,10 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
             raise UserError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            value = next(it, None)
-            if value is None:
+            following = next(it, None)
+            if following is None:
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            value = following
         if key not in valid:
             raise UserError(f"unknown key {key}{_closest(key, valid)}")
         sec, name = key.split(".", 1)

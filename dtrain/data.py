@@ -309,8 +309,8 @@ def _load_text(path: str, *, seq_len: int, test_fraction: float) -> Datasets:
             f"data.test_fraction = {test_fraction}: use more text or a smaller data.seq_len"
         )
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    chars, ids = np.unique(codes, return_inverse=True)  # sorted code points = sorted(set(text))
-    ids = torch.from_numpy(ids.reshape(-1).astype(np.int64))
+    chars, inverse = np.unique(codes, return_inverse=True)  # sorted code points = sorted(set(text))
+    ids = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
     x_tr, y_tr = _sequences(ids[:n_train], seq_len)
     x_te, y_te = _sequences(ids[n_train:], seq_len)
     vocab = "".join(map(chr, chars.tolist()))
@@ -424,8 +424,9 @@ class ShardedLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.augment = augment
-        self._sampler = DistributedSampler(
-            range(len(x)),
+        # The sampler only takes len() of its "dataset" (typed Dataset): a range of indices does.
+        self._sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(x)),  # type: ignore[arg-type]
             num_replicas=world_size,
             rank=rank,
             shuffle=shuffle,

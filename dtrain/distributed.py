@@ -6,11 +6,15 @@
   ``MASTER_PORT``): single- or multi-node, static or c10d rendezvous;
 * **srun without torchrun** (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``,
   ``SLURM_JOB_NODELIST``): the master is the first host of the node list, the port
-  ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``;
+  ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``; the ranks on this node from the step's
+  per-node task counts (``SLURM_STEP_TASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE``, e.g.
+  ``2(x3),1``) at ``SLURM_NODEID``, else ``SLURM_NTASKS_PER_NODE``, else the world size;
 * otherwise **a single process** (world size 1, an in-memory store).
 
 The backend is NCCL with one device per local rank when CUDA devices are present (and the
-device is not forced to CPU), gloo otherwise.
+device is not forced to CPU), gloo otherwise. Local rank ``l`` takes visible device
+``l % device_count``: with ``srun --gpus-per-task=1`` every task sees only its own GPU, as
+device 0.
 """
 
 import dataclasses
@@ -20,6 +24,7 @@ import os
 import re
 import sys
 from datetime import timedelta
+from typing import NotRequired, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -34,6 +39,7 @@ __all__ = [
     "launch_env",
     "raise_together",
     "setup_logging",
+    "slurm_tasks_per_node",
     "uses_cuda",
 ]
 
@@ -51,10 +57,36 @@ class DistInfo:
     device: torch.device
     backend: str
     launcher: str  # "torchrun", "slurm" or "single"
+    # The number of ranks on each node, when the launcher says (Slurm); () when it does not,
+    # and then every node is taken to run local_world_size ranks (torchrun's assumption).
+    node_ranks: tuple[int, ...] = ()
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def hierarchical_local_size(self) -> int:
+        """Ranks per node for hierarchical DGC, which needs node ``n`` to hold the ranks
+        ``[n*L, (n+1)*L)``; UserError (this rank's) when the job is not laid out that way.
+
+        Every rank must call it before the hook's process groups are made, and the error must
+        reach every rank (:func:`raise_together`): with Slurm's cyclic distribution only some
+        ranks see that their rank does not match their local rank.
+        """
+        size = self.local_world_size
+        if len(set(self.node_ranks)) > 1:
+            raise UserError(
+                f"comm.hierarchical needs the same number of ranks on every node, but the "
+                f"nodes run {','.join(map(str, self.node_ranks))}: submit with "
+                f"--ntasks-per-node, or set comm.hierarchical=false"
+            )
+        if self.rank % size != self.local_rank:
+            raise UserError(
+                f"comm.hierarchical needs consecutive ranks on each node, but rank {self.rank} "
+                f"is local rank {self.local_rank} of {size}: use Slurm's block distribution "
+                f"(the default), or set comm.hierarchical=false"
+            )
+        return size
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -70,6 +102,47 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+_TASKS_ITEM = re.compile(r"(\d+)(?:\(x(\d+)\))?")
+
+
+def slurm_tasks_per_node(value: str) -> list[int]:
+    """Slurm's compressed per-node task counts, one per node: ``"2(x3),1"`` -> ``[2, 2, 2, 1]``.
+
+    Raises:
+        ValueError: ``value`` is not a comma-separated list of ``<tasks>`` or
+            ``<tasks>(x<nodes>)`` with positive numbers (a node of a step runs a task at least).
+    """
+    counts: list[int] = []
+    for item in value.split(","):
+        m = _TASKS_ITEM.fullmatch(item.strip())
+        tasks, nodes = (int(m.group(1)), int(m.group(2) or 1)) if m else (0, 0)
+        if tasks < 1 or nodes < 1:
+            raise ValueError(f"{value!r} is not a per-node task list like '2(x3),1'")
+        counts += [tasks] * nodes
+    return counts
+
+
+def _slurm_node_ranks(env: dict[str, str], world: int) -> tuple[int, ...]:
+    """The step's per-node task counts, ``()`` when unset or not this step's.
+
+    ``SLURM_NTASKS_PER_NODE`` is set only with ``--ntasks-per-node``; srun sets its step's
+    per-node counts always (``SLURM_TASKS_PER_NODE`` too, unless ``--preserve-env`` kept the
+    allocation's: hence the check against the world size).
+    """
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if not env.get(key):
+            continue
+        try:
+            counts = slurm_tasks_per_node(env[key])
+        except ValueError as e:
+            raise UserError(
+                f"environment variable {key}: {e}: start the job with srun, or unset it"
+            ) from None
+        if sum(counts) == world:
+            return tuple(counts)
+    return ()
+
+
 def _int_env(env: dict[str, str], key: str, default: int | None = None) -> int:
     """``env[key]`` as an int (``default`` when unset); UserError naming the variable if not."""
     if key not in env and default is not None:
@@ -83,7 +156,20 @@ def _int_env(env: dict[str, str], key: str, default: int | None = None) -> int:
         ) from None
 
 
-def launch_env(env: dict[str, str] | None = None) -> dict[str, object]:
+class LaunchEnv(TypedDict):
+    """What :func:`launch_env` reads from the launcher's environment."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_ranks: tuple[int, ...]
+    master_addr: NotRequired[str]  # slurm only
+    master_port: NotRequired[str]  # slurm only
+
+
+def launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     """Rank, sizes, master address and port, and the launcher's name, from ``env``."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -94,18 +180,31 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, object]:
             "world_size": world,
             "local_rank": _int_env(env, "LOCAL_RANK", 0),
             "local_world_size": _int_env(env, "LOCAL_WORLD_SIZE", world),
+            "node_ranks": (),
         }
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         world = _int_env(env, "SLURM_NTASKS")
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
         port = env.get("MASTER_PORT") or str(10000 + _int_env(env, "SLURM_JOB_ID", 0) % 50000)
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        local_rank = _int_env(env, "SLURM_LOCALID", 0)
+        node_ranks = _slurm_node_ranks(env, world)
+        node = _int_env(env, "SLURM_NODEID", -1)
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        if 0 <= node < len(node_ranks):
+            local_world = node_ranks[node]
+        elif len(set(node_ranks)) == 1:  # the same on every node: SLURM_NODEID is not needed
+            local_world = node_ranks[0]
+        elif per_node.isdigit():
+            local_world = int(per_node)
+        else:
+            local_world = world
         return {
             "launcher": "slurm",
             "rank": _int_env(env, "SLURM_PROCID"),
             "world_size": world,
-            "local_rank": _int_env(env, "SLURM_LOCALID", 0),
-            "local_world_size": int(tasks_per_node) if tasks_per_node.isdigit() else world,
+            "local_rank": local_rank,
+            "local_world_size": local_world,
+            "node_ranks": node_ranks,
             "master_addr": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
             "master_port": port,
         }
@@ -115,6 +214,7 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, object]:
         "world_size": 1,
         "local_rank": 0,
         "local_world_size": 1,
+        "node_ranks": (),
     }
 
 
@@ -141,13 +241,9 @@ def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
     local_rank, local_world = int(le["local_rank"]), int(le["local_world_size"])
     use_cuda = uses_cuda(device)
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RankError(
-                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
-                f"start at most one process per GPU"
-            )
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # One GPU per local rank, or (srun --gpus-per-task) only this task's GPUs visible.
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
@@ -162,7 +258,10 @@ def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
         )
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    info = DistInfo(rank, world, local_rank, local_world, dev, backend, str(le["launcher"]))
+    node_ranks = tuple(le["node_ranks"])
+    info = DistInfo(
+        rank, world, local_rank, local_world, dev, backend, str(le["launcher"]), node_ranks
+    )
     logger.debug(
         "%s: rank %d of %d (local %d of %d), %s on %s",
         info.launcher,

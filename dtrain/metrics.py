@@ -26,7 +26,7 @@ import uuid
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self, TextIO, cast
 
 from dtrain.checkpoint import atomic_write_text
 from dtrain.config import LoggingConfig
@@ -142,7 +142,8 @@ class MetricsLogger(NullLogger):
         if not resume:
             atomic_write_text(self.path, "")
         self._t0 = time.monotonic()
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        # closed in close()
+        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._bar = None
         if cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -263,7 +264,7 @@ def _start_wandb(
             id=run_id,
             resume="allow",
             dir=str(run_dir),
-            mode=cfg.wandb,
+            mode=cast(Literal["online", "offline"], cfg.wandb),  # LoggingConfig checks it
             config=config,
             # No console capture: it would wrap stdout/stderr under the progress bar.
             settings=wandb.Settings(console="off", silent=True),

@@ -12,7 +12,8 @@ __all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
 
 def _param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
     """Two groups: weights with decay; norms and biases (1-D) without, unless asked."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
@@ -28,7 +29,8 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = _param_groups(cfg, model)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    beta1, beta2 = cfg.betas  # two: OptimConfig checks
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(beta1, beta2))
 
 
 def lr_factor(cfg: OptimConfig, step: int, *, total_steps: int, warmup_steps: int) -> float:

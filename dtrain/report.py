@@ -151,6 +151,7 @@ def plot_runs(runs: list[Run], out: Path) -> tuple[list[Path], list[str]]:
             what = key or "test accuracy or perplexity"
             skipped.append(f"skipped {name}: no run has {what}{' by bytes' if by_bytes else ''}")
             continue
+        assert key is not None  # without a key nothing is drawn
         if by_bytes:
             ax.set_xscale("log")
         ys = np.concatenate(drawn)

@@ -156,6 +156,8 @@ class Trainer:
             self.resumed = (shared, mine)
         if info.is_main:
             check_wandb(cfg.logging)
+        if cfg.comm.hierarchical:
+            info.hierarchical_local_size()  # equal, consecutive ranks per node, or one line
         return model
 
     def _build(self, model: nn.Module) -> None:
@@ -224,9 +226,12 @@ class Trainer:
                 min_compress_numel=c.min_compress_numel,
                 value_dtype=_VALUE_DTYPES[c.value_dtype],
                 exchange=c.exchange,
-                hierarchical_local_size=self.info.local_world_size if c.hierarchical else None,
+                weight_decay=c.weight_decay,
+                hierarchical_local_size=self.info.hierarchical_local_size()
+                if c.hierarchical
+                else None,
             )
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if c.hook == "powersgd":
             kwargs = {
                 "matrix_approximation_rank": c.powersgd_rank,
@@ -241,7 +246,11 @@ class Trainer:
         # The config's learning rate and weight decay win over the checkpoint's (a resumed run
         # may be fine-tuned); with the same config the values are the same, bit for bit.
         base_lrs = list(self.scheduler.base_lrs)
-        decays = [g["weight_decay"] for g in self.optimizer.param_groups]
+        # the decay, and what register_dgc moved into the hook (dgc_*: from this config too)
+        decays = [
+            {k: v for k, v in g.items() if k == "weight_decay" or k.startswith("dgc_")}
+            for g in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(shared["optimizer"])  # new param group dicts
         groups = self.optimizer.param_groups
         self.scheduler.load_state_dict(shared["scheduler"])
@@ -251,7 +260,7 @@ class Trainer:
             for b, f in zip(base_lrs, self.scheduler.lr_lambdas, strict=True)
         ]
         for g, lr0, lr, wd in zip(groups, base_lrs, lrs, decays, strict=True):
-            g.update(initial_lr=lr0, lr=lr, weight_decay=wd)
+            g.update(initial_lr=lr0, lr=lr, **wd)
         self.scheduler._last_lr = lrs
         if self.scaler is not None and shared.get("scaler"):
             self.scaler.load_state_dict(shared["scaler"])
@@ -323,7 +332,7 @@ class Trainer:
             if clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
-        self.step_lr = self.scheduler.get_last_lr()[0]  # what this step used (for the log)
+        self.step_lr = float(self.scheduler.get_last_lr()[0])  # what this step used (for the log)
         self.scheduler.step()
 
     # ------------------------------------------------------------------ metrics
@@ -401,7 +410,7 @@ class Trainer:
         raise_together(error)
         return metrics
 
-    def train(self) -> dict[str, float]:
+    def train(self) -> dict[str, Any]:
         """Train to ``total_steps``, logging, evaluating and checkpointing; returns the summary."""
         cfg, spe = self.cfg, self.steps_per_epoch
         start_time = time.perf_counter()
@@ -448,7 +457,7 @@ class Trainer:
             if not evaluated:  # resumed at the end: evaluate what was saved
                 evaluated = self.evaluate()
             comm = self._comm_metrics()
-            summary = {
+            summary: dict[str, Any] = {
                 **evaluated,
                 "steps": self.step,
                 "bytes_sent_total": comm["bytes_sent_total"],

@@ -69,7 +69,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     params = bucket.parameters()
     step = state.iter
     density = state._cur.density
-    dense_phase = step < state.start_iter
+    dense_phase = step < state.start_iter or state._solo(world)
     m = state.momentum
     vdt = state.value_dtype
 
@@ -88,9 +88,9 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     dense_numel = sum(n for _, _, n in dense_items)
 
     sent_bytes = 0
-    gathered = None  # sparse path: every rank's payload
-    reduced = None  # dense path: the sum of every rank's dense buffer
-    dense_buf = None  # the dense parameters' averaged gradients, once reduced
+    gathered: torch.Tensor | None = None  # sparse path: every rank's payload
+    reduced: torch.Tensor | None = None  # dense path: the sum of every rank's dense buffer
+    dense_buf: torch.Tensor | None = None  # the dense parameters' averaged gradients
     futures = []
     commits: list[_Pending] = []
 
@@ -122,16 +122,18 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             g = buf[o : o + n]
             st = state._param_state(p)
             st.ensure(g, momentum=m > 0, residual=True)
+            v, v_next = st.v, st.v_next
+            assert v is not None and v_next is not None  # made by ensure(residual=True)
             if clip is not None:
                 g.mul_(sparsify.clip_coefficient(g, clip, world))
             sparsify.momentum_correction(
-                g, st.u, st.v, momentum=m, nesterov=state.nesterov, u_out=st.u_next, v_out=st.v_next
+                g, st.u, v, momentum=m, nesterov=state.nesterov, u_out=st.u_next, v_out=v_next
             )
             seed = step * 1_000_003 + state._order[p] * 7_919 + rank * 104_729
             idx = sparsify.select_topk(
-                st.v_next, k, exact=state.exact_topk, sample_ratio=state.sample_ratio, start=seed
+                v_next, k, exact=state.exact_topk, sample_ratio=state.sample_ratio, start=seed
             )
-            vals = st.v_next[idx].div_(world)
+            vals = v_next[idx].div_(world)
             c = idx.numel()
             if sparse:
                 p_idx[pos : pos + c] = idx
@@ -140,6 +142,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                     p_idx[pos + c : pos + k] = idx[0] if c else 0
                 pos += k
             else:
+                assert reduced is not None  # the dense path's buffer
                 reduced[pos : pos + n].index_put_((idx,), vals.to(vdt))
                 pos += n
             commits.append(_Pending(st, idx, swap_u=m > 0, swap_v=True))
@@ -154,11 +157,13 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             sent_bytes += payload.numel() * 4
         else:
             # The dense parameters ride in the same allreduce: one collective for the bucket.
-            dense_buf = reduced[comp_numel:-1] if dense_items else None
-            pos = 0
-            for _, o, n in dense_items:
-                dense_buf[pos : pos + n].copy_(buf[o : o + n] / world)
-                pos += n
+            assert reduced is not None  # the dense path's buffer
+            if dense_items:
+                dense_buf = reduced[comp_numel:-1]
+                pos = 0
+                for _, o, n in dense_items:
+                    dense_buf[pos : pos + n].copy_(buf[o : o + n] / world)
+                    pos += n
             futures.append(
                 dist.all_reduce(reduced, group=state.process_group, async_op=True).get_future()
             )
@@ -177,6 +182,12 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     if dense_items and m > 0:
         for p, _, n in dense_items:
             state._param_state(p).ensure(buf[:n], momentum=True, residual=False)
+    # (param, offset, numel) of the bucket's parameters with weight decay: buffers made here, on
+    # the training thread, used in the callback
+    decayed = [(p, o, n) for p, o, n, _ in comp_items if p in state._decay]
+    decayed += [(p, o, n) for p, o, n in dense_items if p in state._decay]
+    for p, _, n in decayed:
+        state._param_state(p).ensure(buf[:n], momentum=False, residual=False, decay=True)
 
     state._cur.sent += sent_bytes
     state._cur.dense += buf.numel() * buf.element_size()
@@ -206,6 +217,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                 torch.isfinite(reduced.sum(dtype=torch.float32))
             )
         else:
+            assert dense_buf is not None  # neither path compressed: all dense
             bad = not bool(torch.isfinite(dense_buf.sum(dtype=torch.float32)))
         if bad:
             with state._lock:
@@ -234,15 +246,45 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                     buf[o : o + n].copy_(gbar)
                     continue
                 st = state._params[p]
+                assert st.u is not None and st.u_next is not None  # ensure(momentum=True)
                 torch.add(gbar, st.u, alpha=m, out=st.u_next)
                 if state.nesterov:
                     torch.add(gbar, st.u_next, alpha=m, out=buf[o : o + n])
                 else:
                     buf[o : o + n].copy_(st.u_next)
-                pend.append(_Pending(st, None, swap_u=True, swap_v=False))
+                pend.append(_Pending(st, None, swap_u=True))
             with state._lock:
                 state._pending.extend(pend)
+        if decayed:
+            _add_decay(state, decayed, buf)
         return buf
 
     fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
     return fut.then(finish)
+
+
+def _add_decay(
+    state: DGCState, items: list[tuple[torch.Tensor, int, int]], buf: torch.Tensor
+) -> None:
+    """Add each parameter's decay momentum term to its output in ``buf`` (DGC.md leaves weight
+    decay local: computed from the weights on every rank alike, never sent)."""
+    scale = state._scale or 1.0  # outputs are in loss-scaled units, and so is d
+    pend = []
+    for p, o, n in items:
+        st = state._params[p]
+        w = p.detach()
+        # the bucket holds the gradient in the parameter's memory order (DDP's bucket views)
+        w = w.view(-1) if w.is_contiguous() else w.as_strided((n,), (1,))
+        assert st.d is not None and st.d_next is not None  # ensure(decay=True), in the hook
+        term = sparsify.decay_momentum(
+            w,
+            st.d,
+            momentum=state.momentum,
+            weight_decay=state._decay[p] * scale,
+            nesterov=state.nesterov,
+            d_out=st.d_next,
+        )
+        buf[o : o + n].add_(term)
+        pend.append(_Pending(st, None, swap_d=True))
+    with state._lock:
+        state._pending.extend(pend)

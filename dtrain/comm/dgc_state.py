@@ -24,21 +24,26 @@ _VALUE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloa
 
 
 class _ParamState:
-    """Momentum ``u`` and residual ``v`` of one parameter, flat, in the gradient's memory order.
+    """Momentum ``u``, residual ``v`` and decay momentum ``d`` of one parameter, flat, in the
+    gradient's memory order.
 
     Each has a second buffer (``*_next``): a step writes its update there and the update is
     committed (buffers swapped) only once the whole step is known to be finite on every rank.
     """
 
-    __slots__ = ("u", "u_next", "v", "v_next")
+    __slots__ = ("d", "d_next", "u", "u_next", "v", "v_next")
 
     def __init__(self) -> None:
         self.u: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.d: torch.Tensor | None = None
         self.u_next: torch.Tensor | None = None
         self.v_next: torch.Tensor | None = None
+        self.d_next: torch.Tensor | None = None
 
-    def ensure(self, like: torch.Tensor, *, momentum: bool, residual: bool) -> None:
+    def ensure(
+        self, like: torch.Tensor, *, momentum: bool, residual: bool, decay: bool = False
+    ) -> None:
         if momentum and self.u is None:
             self.u = torch.zeros_like(like)
         if momentum and self.u_next is None:
@@ -47,17 +52,28 @@ class _ParamState:
             self.v = torch.zeros_like(like)
         if residual and self.v_next is None:
             self.v_next = torch.empty_like(like)
+        if decay and self.d is None:
+            self.d = torch.zeros_like(like)
+        if decay and self.d_next is None:
+            self.d_next = torch.empty_like(like)
 
 
 class _Pending:
     """A state update computed during a step, applied by :meth:`DGCState._finish_step`."""
 
-    __slots__ = ("sent", "state", "swap_u", "swap_v")
+    __slots__ = ("sent", "state", "swap_d", "swap_u", "swap_v")
 
     def __init__(
-        self, state: _ParamState, sent: torch.Tensor | None, swap_u: bool, swap_v: bool
+        self,
+        state: _ParamState,
+        sent: torch.Tensor | None,
+        *,
+        swap_u: bool = False,
+        swap_v: bool = False,
+        swap_d: bool = False,
     ) -> None:
-        self.state, self.sent, self.swap_u, self.swap_v = state, sent, swap_u, swap_v
+        self.state, self.sent = state, sent
+        self.swap_u, self.swap_v, self.swap_d = swap_u, swap_v, swap_d
 
 
 class DGCState:
@@ -81,6 +97,14 @@ class DGCState:
             of every rank's (index, value) pairs), ``"dense"`` (each rank scatters its pairs into
             a zero buffer that is allreduced) or ``"auto"`` (per bucket, whichever sends fewer
             bytes by :mod:`dtrain.comm.costmodel`; the all-gather loses past N ~ 1/density).
+
+    Weight decay (:meth:`set_weight_decay`, which :func:`~dtrain.comm.register_dgc` calls) is
+    applied locally, never communicated, through a decay-only momentum buffer per parameter:
+    ``d <- m*d + wd*w`` and the output gains ``d`` (Nesterov: ``wd*w + m*d``), so that momentum
+    and decay together are exactly SGD's ``buf <- m*buf + g + wd*w``.
+
+    In a group of one rank there is nothing to save: every parameter then takes the dense path
+    (plain momentum, no sparsification and no residual), and the state says so once in the log.
     """
 
     def __init__(
@@ -143,6 +167,8 @@ class DGCState:
         # ---- internal state ----
         self.iter = 0  # synchronised steps seen (t of DGC.md)
         self._params: dict[torch.Tensor, _ParamState] = {}
+        self._decay: dict[torch.Tensor, float] = {}  # weight decay per parameter (local)
+        self._solo_logged = False  # "a group of one: dense" said once
         self._names: dict[torch.Tensor, str] = {}  # set by attach()
         self._order: dict[torch.Tensor, int] = {}  # stable per-parameter number (sampling seed)
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}  # from load_state_dict, by name
@@ -189,6 +215,16 @@ class DGCState:
             self._names[p] = name
             self._order[p] = i
         self._apply_loaded()
+
+    def set_weight_decay(self, decays: dict[torch.Tensor, float]) -> None:
+        """Apply these weight decays (per parameter) in the hook, through decay momentum.
+
+        The decay is local (identical on every rank, never sent) and replaces the optimizer's
+        own: set the optimizer's weight decay of these parameters to 0.
+        """
+        for wd in decays.values():
+            _check_range("weight_decay", wd, 0.0, math.inf, ">= 0")
+        self._decay = {p: float(wd) for p, wd in decays.items() if wd}
 
     def density_at(self, step: int) -> float:
         """d(t): the density used at synchronised step ``step`` (warm-up included)."""
@@ -238,6 +274,16 @@ class DGCState:
     def _group_size_rank(self) -> tuple[int, int]:
         return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
 
+    def _solo(self, world: int) -> bool:
+        """Whether the group is one rank (nothing to send: dense momentum); logged once."""
+        if world == 1 and not self._solo_logged:
+            self._solo_logged = True
+            logger.info(
+                "DGC: this process group has one rank, so nothing crosses the network: "
+                "dense momentum without sparsification or residuals"
+            )
+        return world == 1
+
     def _param_state(self, p: torch.Tensor) -> _ParamState:
         st = self._params.get(p)
         if st is None:
@@ -262,7 +308,7 @@ class DGCState:
             ratio = (scale or 1.0) / (self._scale or 1.0)
             if ratio != 1.0:
                 for st in self._params.values():
-                    for t in (st.u, st.v):
+                    for t in (st.u, st.v, st.d):
                         if t is not None:
                             t.mul_(ratio)
             self._scale = scale
@@ -284,7 +330,10 @@ class DGCState:
                     st.u, st.u_next = st.u_next, st.u
                 if job.swap_v:
                     st.v, st.v_next = st.v_next, st.v
+                if job.swap_d:
+                    st.d, st.d_next = st.d_next, st.d
                 if job.sent is not None:
+                    assert st.v is not None  # a compressed parameter has a residual
                     st.v.index_fill_(0, job.sent, 0)
                     if self.momentum_masking and st.u is not None:
                         st.u.index_fill_(0, job.sent, 0)
@@ -335,7 +384,7 @@ class DGCState:
             )
         params: dict[str, dict[str, torch.Tensor]] = {}
         for p, st in self._params.items():
-            entry = {k: t for k, t in (("u", st.u), ("v", st.v)) if t is not None}
+            entry = {k: t for k, t in (("u", st.u), ("v", st.v), ("d", st.d)) if t is not None}
             if entry:
                 params[self._names[p]] = entry
         params.update(self._loaded)  # loaded but not yet used: keep them
@@ -410,7 +459,8 @@ class _StepStats:
 def _load_into(st: _ParamState, entry: dict[str, torch.Tensor], device: torch.device) -> None:
     st.u = entry["u"].to(device) if "u" in entry else None
     st.v = entry["v"].to(device) if "v" in entry else None
-    st.u_next = st.v_next = None
+    st.d = entry["d"].to(device) if "d" in entry else None
+    st.u_next = st.v_next = st.d_next = None
 
 
 def _check_range(

@@ -3,34 +3,37 @@
 Real clusters have fast links inside a node (NVLink, PCIe, shared memory) and slow ones between
 nodes. :func:`hierarchical_dgc_hook` spends compression only where bandwidth is scarce:
 
-1. the bucket's parameters are split into ``L`` contiguous shares of about equal size, one per
-   local rank, and a dense reduce-scatter in the node group gives each local rank the node's
-   average of its own share (or, where padding the shares to one size would cost more, an
-   allreduce of the whole bucket);
+1. every parameter has one owner among the node's ``L`` local ranks, decided once per parameter
+   (:func:`assign_owners`), never by its place in a bucket, so that its momentum and residual
+   stay with one rank however DDP lays out its buckets (it rebuilds them after the first step,
+   and again on every resume); a bucket's share of local rank ``l`` is the parameters ``l``
+   owns, and a dense reduce-scatter in the node group gives each local rank the node's average
+   of its own share (or, where padding the shares to one size would cost more, an allreduce of
+   the whole bucket);
 2. local rank ``l`` runs DGC (:func:`dtrain.comm.dgc.dgc_hook`, every rule of
    ``shared/DGC.md``) on its share with the ranks of local rank ``l`` on the other nodes, so each
    node sends each share once, sparsely, over the slow links;
 3. the shares are put back together inside the node (one all-gather in the node group, or an
    allreduce in which each rank filled only its share).
 
-With one node this is a dense allreduce plus DGC on a group of one; with one rank per node it is
-flat DGC plus two no-op reductions. Momentum and residuals live with the rank that owns the share
-(1/L of the model per rank). A non-finite gradient anywhere makes every share non-finite before
+With one node this is a dense allreduce plus dense momentum (a cross-node group of one has
+nothing to compress: :class:`DGCState` then sends dense); with one rank per node it is flat DGC.
+Momentum and residuals live with the rank that owns the parameter (about 1/L of the model per
+rank). A non-finite gradient anywhere makes every share non-finite before
 the sparse exchange, so every rank skips the step and no residual changes (DGC.md).
 
 Note: no ``from __future__ import annotations`` here — DDP inspects the hook's annotations.
 """
 
-import itertools
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from dtrain.comm.dgc import DGCState, dgc_hook
 
-__all__ = ["HierarchicalDGCState", "hierarchical_dgc_hook", "node_groups"]
+__all__ = ["HierarchicalDGCState", "assign_owners", "hierarchical_dgc_hook", "node_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +64,10 @@ def node_groups(local_size: int) -> tuple[Any, Any, int, int]:
 
 
 class _Share:
-    """The part of a bucket one local rank compresses, shaped like a ``dist.GradBucket``."""
+    """The parameters of a bucket one local rank owns, packed, shaped like a ``dist.GradBucket``."""
 
-    def __init__(self, bucket: dist.GradBucket, start: int, stop: int, params: list) -> None:
-        self._buffer = bucket.buffer()[start:stop]
+    def __init__(self, buffer: torch.Tensor, params: list, bucket: dist.GradBucket) -> None:
+        self._buffer = buffer
         self._params = params
         self._last = bucket.is_last()
         self._index = bucket.index()
@@ -82,20 +85,46 @@ class _Share:
         return self._index
 
 
-def split_shares(numels: list[int], parts: int) -> list[tuple[int, int]]:
-    """Split parameters (by their sizes, in order) into ``parts`` contiguous ranges of about
-    equal total size; returns ``[(first, stop), ...]`` parameter index ranges (some may be
-    empty when there are fewer parameters than parts)."""
-    total = sum(numels)
-    bounds, acc, i = [0], 0, 0
-    for part in range(1, parts):
-        target = total * part / parts
-        while i < len(numels) and acc + numels[i] / 2 <= target:
-            acc += numels[i]
-            i += 1
-        bounds.append(max(i, bounds[-1]))
-    bounds.append(len(numels))
-    return list(itertools.pairwise(bounds))
+def assign_owners(numels: list[int], parts: int, loads: list[int] | None = None) -> list[int]:
+    """The owner (a local rank in ``[0, parts)``) of each parameter, by its size, in order.
+
+    Each parameter goes to the local rank that owns the fewest elements so far (ties: the lowest
+    rank), so the owners' totals stay within one parameter of each other over every stretch of
+    consecutive parameters, and a DDP bucket (consecutive parameters) splits about evenly.
+    ``loads`` (updated in place) carries the totals on from earlier calls.
+    """
+    loads = loads if loads is not None else [0] * parts
+    owners = []
+    for n in numels:
+        owner = min(range(parts), key=lambda r: (loads[r], r))
+        loads[owner] += n
+        owners.append(owner)
+    return owners
+
+
+class _Layout:
+    """One bucket's shares: per local rank, the (offset, numel) of the parameters it owns."""
+
+    __slots__ = ("mine", "sizes", "slices")
+
+    def __init__(self, slices: list[list[tuple[int, int]]], mine: list[torch.Tensor]) -> None:
+        self.slices = slices
+        self.sizes = [sum(n for _, n in s) for s in slices]
+        self.mine = mine  # this rank's parameters, in bucket order
+
+
+def _pack(buf: torch.Tensor, slices: list[tuple[int, int]], out: torch.Tensor) -> None:
+    pos = 0
+    for o, n in slices:
+        out[pos : pos + n].copy_(buf[o : o + n])
+        pos += n
+
+
+def _unpack(src: torch.Tensor, slices: list[tuple[int, int]], buf: torch.Tensor) -> None:
+    pos = 0
+    for o, n in slices:
+        buf[o : o + n].copy_(src[pos : pos + n])
+        pos += n
 
 
 class HierarchicalDGCState:
@@ -117,19 +146,49 @@ class HierarchicalDGCState:
         # ---- statistics ----
         self._node_bytes = [0, 0, 0]  # this step, last step, total: bytes sent inside the node
         self._dense = [0, 0, 0]  # what flat allreduce would send: whole buckets
-        # bucket layout (parameter sizes) -> every share's parameter and element ranges
-        self._shares: dict[tuple[int, ...], tuple[list, list]] = {}
+        # ---- ownership: parameter -> local rank, fixed once decided ----
+        self._owner: dict[torch.Tensor, int] = {}
+        self._owned = [0] * local_size  # elements owned by each local rank
+        self._layouts: dict[tuple[int, ...], _Layout] = {}  # by the bucket's parameter ids
+        nodes = dist.get_world_size() // local_size
         logger.info(
-            "hierarchical DGC: node %d, local rank %d of %d; sparse exchange across %d nodes",
+            "hierarchical DGC: node %d, local rank %d of %d; sparse exchange across %d nodes%s",
             self.node,
             self.local_rank,
             local_size,
-            dist.get_world_size() // local_size,
+            nodes,
+            " (one node: nothing crosses nodes, dense averaging and momentum only)"
+            if nodes == 1
+            else "",
         )
 
     # The job-facing API of DGCState, so trainers and checkpoints treat both alike.
     def attach(self, named_parameters: Any) -> None:
-        self.dgc.attach(named_parameters)
+        """Name the parameters (checkpoint keys) and decide their owners, in model order."""
+        named = list(named_parameters)
+        self.dgc.attach(named)
+        self._owners_of([p for _, p in named if p.requires_grad])
+
+    def set_weight_decay(self, decays: dict[torch.Tensor, float]) -> None:
+        self.dgc.set_weight_decay(decays)
+
+    @property
+    def momentum(self) -> float:
+        return self.dgc.momentum
+
+    def _owners_of(self, params: list[torch.Tensor]) -> list[int]:
+        """Each parameter's owner; one not seen before (no :meth:`attach`) is assigned now, the
+        same on every rank since every rank sees the same buckets."""
+        new = [p for p in params if p not in self._owner]
+        for p, owner in zip(new, assign_owners([p.numel() for p in new], self.local_size,
+                                                self._owned), strict=True):  # fmt: skip
+            self._owner[p] = owner
+        return [self._owner[p] for p in params]
+
+    def owned_names(self) -> list[str]:
+        """Names of the parameters whose state this rank keeps."""
+        names = self.dgc._names
+        return sorted(names[p] for p, o in self._owner.items() if o == self.local_rank)
 
     @property
     def grad_scaler(self) -> Any:
@@ -141,9 +200,14 @@ class HierarchicalDGCState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"dgc": self.dgc.state_dict(), "node_bytes_total": self._node_bytes[2],
-                "dense_bytes_total": self._dense[2]}  # fmt: skip
+                "dense_bytes_total": self._dense[2], "owned": self.owned_names()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("owned") != self.owned_names():
+            raise ValueError(
+                "the hierarchical state was saved for another assignment of parameters to "
+                "local ranks (another model, ranks per node, or a dtrain before 0.1.1)"
+            )
         self.dgc.load_state_dict(state["dgc"])
         self._node_bytes[2] = int(state["node_bytes_total"])
         self._dense[2] = int(state["dense_bytes_total"])
@@ -162,18 +226,21 @@ class HierarchicalDGCState:
         s["node_bytes_sent"], s["node_bytes_sent_total"] = self._node_bytes[1], self._node_bytes[2]
         return s
 
-    def _layout(
-        self, bucket: dist.GradBucket
-    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Every local rank's share of this bucket: parameter ranges and element ranges."""
-        key = tuple(p.numel() for p in bucket.parameters())
-        if key not in self._shares:
-            params = split_shares(list(key), self.local_size)
-            offsets = [0]
-            for n in key:
-                offsets.append(offsets[-1] + n)
-            self._shares[key] = (params, [(offsets[a], offsets[b]) for a, b in params])
-        return self._shares[key]
+    def _layout(self, bucket: dist.GradBucket) -> _Layout:
+        """Every local rank's share of this bucket: the parameters it owns."""
+        params = bucket.parameters()
+        key = tuple(id(p) for p in params)
+        lay = self._layouts.get(key)
+        if lay is None:
+            slices: list[list[tuple[int, int]]] = [[] for _ in range(self.local_size)]
+            mine, off = [], 0
+            for p, owner in zip(params, self._owners_of(params), strict=True):
+                slices[owner].append((off, p.numel()))
+                if owner == self.local_rank:
+                    mine.append(p)
+                off += p.numel()
+            lay = self._layouts[key] = _Layout(slices, mine)
+        return lay
 
 
 def hierarchical_dgc_hook(
@@ -182,7 +249,8 @@ def hierarchical_dgc_hook(
     """Average ``bucket`` densely inside the node, compress only the exchange across nodes.
 
     1. Reduce-scatter in the node group (dense; the fast link): this rank receives the node's
-       sum of its share (÷ L), plus the number of the node's ranks that saw a non-finite value.
+       sum of its share, the parameters it owns (÷ L), plus the number of the node's ranks
+       that saw a non-finite value.
     2. If any did, poison every share, so that every cross-node DGC exchange flags the step and
        every rank skips it.
     3. DGC on this rank's share with the same local rank of every other node (sparse; the slow
@@ -205,11 +273,9 @@ def hierarchical_dgc_hook(
     buf = bucket.buffer()
     nbytes = buf.numel() * buf.element_size()
     L = state.local_size
-    params, elems = state._layout(bucket)
-    first, stop = params[state.local_rank]
-    start, end = elems[state.local_rank]
-    share = _Share(bucket, start, end, bucket.parameters()[first:stop])
-    m = max(e - s for s, e in elems) + 1  # a padded share, plus one flag element
+    lay = state._layout(bucket)
+    me, size = state.local_rank, lay.sizes[state.local_rank]
+    m = max(lay.sizes) + 1  # a padded share, plus one flag element
     # Reduce-scatter + all-gather of padded shares moves (L+1)·m elements per rank; two
     # allreduces of the bucket 2·numel. Unbalanced shares (a bucket of one large and a few small
     # parameters) pad badly: then the allreduces are cheaper.
@@ -219,37 +285,42 @@ def hierarchical_dgc_hook(
         # Each local rank receives the node's sum of its own share only; the extra element of
         # every padded share carries "this rank saw a non-finite gradient" to the whole node.
         send = buf.new_zeros(L * m)
-        flag = 0.0 if bool(torch.isfinite(buf.sum())) else 1.0
-        for lr, (s, e) in enumerate(elems):
-            send[lr * m : lr * m + e - s] = buf[s:e]
+        flag = (~torch.isfinite(buf.sum())).to(buf.dtype)
+        for lr, slices in enumerate(lay.slices):
+            _pack(buf, slices, send[lr * m :])
             send[lr * m + m - 1] = flag
         mine = buf.new_empty(m)
         dist.reduce_scatter_single(mine, send, group=state.node_group)
-        share.buffer().copy_(mine[: end - start]).div_(L)
+        share_buf = mine[:size].div_(L)
         nonfinite = bool(mine[-1] > 0)
         node_sent = (send.numel() + m) * buf.element_size()
     else:
         if L > 1:  # every rank then holds the node's bucket: a non-finite value shows everywhere
             dist.all_reduce(buf.div_(L), group=state.node_group)
+            share_buf = buf.new_empty(size)
+            _pack(buf, lay.slices[me], share_buf)
+        else:
+            share_buf = buf  # one rank per node owns every parameter, in bucket order
         nonfinite = not bool(torch.isfinite(buf.sum()))
         node_sent = 2 * nbytes if L > 1 else 0
-    empty = share.buffer().numel() == 0  # a bucket of fewer (or lopsided) parameters than L
+    share = _Share(share_buf, lay.mine, bucket)
+    empty = size == 0  # a bucket of fewer (or lopsided) parameters than L
     if nonfinite and not empty:
-        share.buffer()[0] = float("nan")  # every share's DGC exchange flags the step
-    dgc_hook(state.dgc, share).wait()  # writes the share's result in place
+        share_buf[0] = float("nan")  # every share's DGC exchange flags the step
+    # _Share has the GradBucket methods dgc_hook calls; DDP needs dgc_hook's annotation as is.
+    dgc_hook(state.dgc, cast(dist.GradBucket, share)).wait()  # writes the result in place
     if nonfinite and empty:  # no exchange to flag: drop this rank's updates of the step directly
         with state.dgc._lock:
             state.dgc._step_bad = True
     fut = None
-    if scatter:
-        mine[: end - start].copy_(share.buffer())
+    if scatter:  # the result is in mine[:size] (share_buf is a view of it)
         gathered = buf.new_empty(L * m)
         fut = dist.all_gather_single(
             gathered, mine, group=state.node_group, async_op=True
         ).get_future()
     elif L > 1:  # every rank contributes its share, zeros elsewhere
-        buf[:start].zero_()
-        buf[end:].zero_()
+        buf.zero_()
+        _unpack(share_buf, lay.slices[me], buf)
         fut = dist.all_reduce(buf, group=state.node_group, async_op=True).get_future()
     st = state
     st._node_bytes[0] += node_sent
@@ -268,8 +339,8 @@ def hierarchical_dgc_hook(
 
     def finish(_: Any) -> torch.Tensor:
         # gloo's future yields chunk views: read the tensor we allocated.
-        for lr, (s, e) in enumerate(elems):
-            buf[s:e].copy_(gathered[lr * m : lr * m + e - s])
+        for lr, slices in enumerate(lay.slices):
+            _unpack(gathered[lr * m :], slices, buf)
         return buf
 
     return fut.then(finish)

@@ -25,17 +25,47 @@ def unwrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     return inner
 
 
-def _momentum_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
-    """Hook momentum and Nesterov of the optimizer (SGD: its own, others: 0); changes nothing."""
+# What register_dgc moved out of an SGD param group, kept in the group itself: the optimizer's
+# state_dict() carries it, so an optimizer converted before (a second registration, or a saved
+# converted state loaded before register_dgc) gives back its momentum and decay exactly.
+_MARKS = ("dgc_momentum", "dgc_nesterov", "dgc_weight_decay")
+WEIGHT_DECAY_MODES = ("momentum", "scaled", "optimizer")
+
+
+def _settings_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool, list[float]]:
+    """Hook momentum, Nesterov and each group's original weight decay (SGD: its own or what an
+    earlier ``register_dgc`` moved; others: momentum 0); changes nothing."""
+    groups = optimizer.param_groups
     if not isinstance(optimizer, torch.optim.SGD):
         kind = type(optimizer).__name__
         logger.info(
             "DGC: %s keeps its own moment estimates; hook momentum is 0 (error feedback only)", kind
         )
-        return 0.0, False
-    groups = optimizer.param_groups
-    momenta = {float(g["momentum"]) for g in groups}
-    nesterovs = {bool(g["nesterov"]) for g in groups}
+        return 0.0, False, [float(g.get("weight_decay", 0.0)) for g in groups]
+    marked = [all(k in g for k in _MARKS) for g in groups]
+    if any(marked):
+        if not all(marked):
+            raise ValueError(
+                "some SGD param groups were converted by an earlier register_dgc and others "
+                "not: build the optimizer anew, or load a state saved with the same groups"
+            )
+        moved = sorted({float(g["momentum"]) for g in groups} - {0.0})
+        if moved:
+            raise ValueError(
+                f"this SGD optimizer was converted by an earlier register_dgc (its momentum "
+                f"lives in the hook), but its momentum is now {moved}: set it in the optimizer "
+                f"before the first register_dgc only"
+            )
+        momentum, nesterov = float(groups[0]["dgc_momentum"]), bool(groups[0]["dgc_nesterov"])
+        logger.info(
+            "DGC: the optimizer was converted by an earlier register_dgc: its momentum %g "
+            "(nesterov=%s) and weight decay are taken from what that call moved",
+            momentum,
+            nesterov,
+        )
+    prefix = "dgc_" if any(marked) else ""  # read what was moved, or the optimizer's own
+    momenta = {float(g[f"{prefix}momentum"]) for g in groups}
+    nesterovs = {bool(g[f"{prefix}nesterov"]) for g in groups}
     dampenings = {float(g["dampening"]) for g in groups}
     if len(momenta) > 1 or len(nesterovs) > 1:
         raise ValueError(
@@ -48,38 +78,47 @@ def _momentum_from(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
             f"DGC's momentum correction has no dampening, but SGD has dampening "
             f"{sorted(dampenings)}: set dampening=0"
         )
-    return momenta.pop(), nesterovs.pop()
+    decays = [float(g[f"{prefix}weight_decay"]) for g in groups]
+    return momenta.pop(), nesterovs.pop(), decays
 
 
 def _move_momentum(
     optimizer: torch.optim.Optimizer,
     momentum: float,
     nesterov: bool,
+    decays: list[float],
     *,
-    compensate_weight_decay: bool,
+    weight_decay: str,
 ) -> None:
-    """Set SGD's momentum to 0 (it now lives in the hook), compensating weight decay."""
-    if not isinstance(optimizer, torch.optim.SGD):
+    """Set SGD's momentum to 0 (it now lives in the hook) and its weight decay by the mode,
+    remembering in each param group what was moved."""
+    if not isinstance(optimizer, torch.optim.SGD) or momentum == 0.0:
         return
-    for g in optimizer.param_groups:  # momentum now lives in the hook: not to be applied twice
-        g["momentum"] = 0.0
+    for g, wd in zip(optimizer.param_groups, decays, strict=True):
+        g.update(dgc_momentum=momentum, dgc_nesterov=nesterov, dgc_weight_decay=wd)
+        g["momentum"] = 0.0  # momentum now lives in the hook: not to be applied twice
         g["nesterov"] = False
-        if compensate_weight_decay and momentum > 0 and g["weight_decay"]:
+        if weight_decay == "momentum":
+            g["weight_decay"] = 0.0  # applied in the hook, through its own momentum buffer
+        elif weight_decay == "scaled":
             # SGD with momentum m applies weight decay through its momentum buffer, which
-            # amplifies it by 1/(1-m) in steady state; without optimizer momentum the same
-            # decay needs a 1/(1-m) larger factor.
-            logger.info(
-                "DGC: SGD weight decay %g -> %g (x 1/(1-m)): it no longer passes through momentum",
-                g["weight_decay"],
-                g["weight_decay"] / (1.0 - momentum),
-            )
-            g["weight_decay"] = g["weight_decay"] / (1.0 - momentum)
+            # amplifies it by 1/(1-m) in steady state (only there: not after an LR change).
+            g["weight_decay"] = wd / (1.0 - momentum)
+        else:
+            g["weight_decay"] = wd
     optimizer.defaults["momentum"] = 0.0
     optimizer.defaults["nesterov"] = False
     logger.info(
-        "DGC: moved SGD momentum %g (nesterov=%s) into the hook; optimizer momentum set to 0",
+        "DGC: moved SGD momentum %g (nesterov=%s) into the hook; optimizer momentum set to 0; "
+        "weight decay %s: %s",
         momentum,
         nesterov,
+        sorted(set(decays)),
+        {
+            "momentum": "in the hook, with its own momentum buffer (exactly SGD's)",
+            "scaled": "in the optimizer, x 1/(1-m)",
+            "optimizer": "in the optimizer, as given (no momentum on it)",
+        }[weight_decay],
     )
 
 
@@ -88,7 +127,7 @@ def register_dgc(
     optimizer: torch.optim.Optimizer,
     *,
     grad_scaler: Any = None,
-    compensate_weight_decay: bool = True,
+    weight_decay: str = "momentum",
     hierarchical_local_size: int | None = None,
     **dgc_kwargs: Any,
 ) -> DGCState | HierarchicalDGCState:
@@ -98,13 +137,16 @@ def register_dgc(
         ddp_model: a ``DistributedDataParallel`` model (or ``torch.compile`` of one) without a
             communication hook.
         optimizer: the model's optimizer. SGD: its momentum and Nesterov flag move into the hook
-            and its own momentum becomes 0. Adam/AdamW and others: hook momentum 0.
+            and its own momentum becomes 0; what was moved is kept in its param groups, so a
+            second call (or a converted state loaded before this call) restores it exactly.
+            Adam/AdamW and others: hook momentum 0.
         grad_scaler: a ``torch.amp.GradScaler`` used with this model, so that residuals follow
             loss-scale changes and clipping works in unscaled units.
-        compensate_weight_decay: with SGD momentum m moved into the hook, multiply each param
-            group's weight decay by 1/(1-m), so that decay keeps the strength it had when it
-            passed through SGD's momentum buffer (weight decay stays in the optimizer, as
-            DGC.md fixes; it is never communicated).
+        weight_decay: where SGD's weight decay goes once its momentum m is in the hook (it is
+            never communicated): ``"momentum"`` (default) in the hook, through a decay-only
+            momentum buffer per parameter, exactly SGD-with-momentum's decay; ``"scaled"`` in
+            the optimizer, multiplied by 1/(1-m) (SGD's strength in steady state only);
+            ``"optimizer"`` in the optimizer as given (weaker: no momentum on it).
         hierarchical_local_size: ranks per node: dense averaging inside each node and DGC only
             across nodes (:mod:`dtrain.comm.hierarchical`); None for flat DGC.
         **dgc_kwargs: the other :class:`DGCState` arguments (density, clip_norm, exchange, ...).
@@ -129,9 +171,14 @@ def register_dgc(
             "this DDP model already has a communication hook; DDP allows one: "
             "register DGC on a freshly built DDP model"
         )
+    if weight_decay not in WEIGHT_DECAY_MODES:
+        raise ValueError(
+            f"weight_decay must be one of {', '.join(map(repr, WEIGHT_DECAY_MODES))}, "
+            f"got {weight_decay!r}"
+        )
     # Validate everything (optimizer, DGC arguments, the hook slot) before the optimizer changes:
     # a refused call leaves it as it was.
-    momentum, nesterov = _momentum_from(optimizer)
+    momentum, nesterov, decays = _settings_from(optimizer)
     hook: Any = dgc_hook
     if hierarchical_local_size is None:
         dgc_kwargs.setdefault("process_group", ddp.process_group)
@@ -143,10 +190,19 @@ def register_dgc(
         hook = hierarchical_dgc_hook
     state.grad_scaler = grad_scaler
     state.attach(ddp.module.named_parameters())
+    sgd_moves = isinstance(optimizer, torch.optim.SGD) and momentum > 0
+    if sgd_moves and weight_decay == "momentum":
+        state.set_weight_decay(
+            {
+                p: wd
+                for g, wd in zip(optimizer.param_groups, decays, strict=True)
+                for p in g["params"]
+            }
+        )
     try:
         ddp.register_comm_hook(state, hook)
     except RuntimeError as e:  # a built-in hook is not listed in _comm_hooks
         raise RuntimeError(f"this DDP model already has a communication hook ({e})") from None
-    _move_momentum(optimizer, momentum, nesterov, compensate_weight_decay=compensate_weight_decay)
+    _move_momentum(optimizer, momentum, nesterov, decays, weight_decay=weight_decay)
     logger.info("DGC: %s registered on %s", hook.__name__, type(ddp.module).__name__)
     return state

@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "clip_coefficient",
+    "decay_momentum",
     "momentum_correction",
     "num_selected",
     "select_exact",
@@ -91,6 +92,29 @@ def momentum_correction(
         v_out.add_(u_out, alpha=momentum)
     else:
         torch.add(v, u_out, out=v_out)
+
+
+def decay_momentum(
+    weight: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    d_out: torch.Tensor,
+) -> torch.Tensor:
+    """Decay-only momentum ``d' = m*d + wd*w`` written to ``d_out``; returns the update term.
+
+    The term is ``d'`` (Nesterov: ``wd*w + m*d'``). Added to the momentum-corrected gradient it
+    makes momentum and decay together exactly SGD's ``buf <- m*buf + g + wd*w``, at every
+    learning rate (a decay folded into the optimizer as ``wd/(1-m)`` matches only in steady
+    state). ``d`` is left untouched, so the caller can commit the update later.
+    """
+    torch.mul(d, momentum, out=d_out)
+    d_out.add_(weight, alpha=weight_decay)
+    if nesterov:
+        return torch.add(d_out.mul(momentum), weight, alpha=weight_decay)
+    return d_out
 
 
 def select_exact(v: torch.Tensor, k: int) -> torch.Tensor:

@@ -95,7 +95,9 @@ def train(args: argparse.Namespace, device: torch.device, start: float) -> None:
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=297, random_state=0, stratify=y)
     x_te, y_te = x_te.to(device), y_te.to(device)
     train_set = TensorDataset(x_tr, y_tr)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=args.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        train_set, num_replicas=world, rank=rank, seed=args.seed
+    )
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
 
     torch.manual_seed(args.seed)

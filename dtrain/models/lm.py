@@ -89,7 +89,7 @@ class CharTransformer(nn.Module):
                 std = 0.02 / math.sqrt(2 * depth) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, std=std)
         for block in self.blocks:  # the MLP's output layer is a residual projection too
-            nn.init.normal_(block.mlp[2].weight, std=0.02 / math.sqrt(2 * depth))
+            nn.init.normal_(block.get_parameter("mlp.2.weight"), std=0.02 / math.sqrt(2 * depth))
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtrain.comm import DGCState, dgc_hook
-from dtrain.comm.hierarchical import HierarchicalDGCState, hierarchical_dgc_hook, split_shares
+from dtrain.comm import DGCState, dgc_hook, register_dgc
+from dtrain.comm.hierarchical import HierarchicalDGCState, assign_owners, hierarchical_dgc_hook
 from tests.distributed.harness import run_ranks
 from tests.distributed.models import batch, mlp
 
@@ -21,17 +21,27 @@ WIDTHS_FOR_CAP = {0.05: WIDTHS, 25: BALANCED}
 @pytest.mark.parametrize(
     "numels,parts,expected",
     [
-        ([10, 10, 10, 10], 2, [(0, 2), (2, 4)]),
-        ([100, 1, 1, 1], 2, [(0, 1), (1, 4)]),
-        ([5, 5], 4, [(0, 1), (1, 1), (1, 2), (2, 2)]),
-        ([7], 1, [(0, 1)]),
+        ([10, 10, 10, 10], 2, [0, 1, 0, 1]),
+        ([100, 1, 1, 1], 2, [0, 1, 1, 1]),
+        ([5, 5], 4, [0, 1]),
+        ([7], 1, [0]),
     ],
 )
-def test_split_shares_is_contiguous_balanced_and_complete(numels, parts, expected):
-    shares = split_shares(numels, parts)
-    assert shares == expected
-    assert shares[0][0] == 0 and shares[-1][1] == len(numels)
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))
+def test_assign_owners_goes_to_the_least_loaded_rank(numels, parts, expected):
+    assert assign_owners(numels, parts) == expected
+
+
+def test_assign_owners_balances_every_run_of_consecutive_parameters():
+    g = torch.Generator().manual_seed(0)
+    numels = torch.randint(1, 5000, (200,), generator=g).tolist()
+    owners = assign_owners(numels, 4)
+    for i, j in itertools.combinations(range(0, 201, 10), 2):  # stretches, like DDP's buckets
+        totals = [sum(n for n, o in zip(numels[i:j], owners[i:j], strict=True) if o == r)
+                  for r in range(4)]  # fmt: skip
+        assert max(totals) - min(totals) <= 2 * max(numels)
+    loads = [0, 0]  # carried on: later calls continue the balance
+    assert assign_owners([10], 2, loads) == [0] and assign_owners([3, 3], 2, loads) == [1, 1]
+    assert loads == [10, 6]
 
 
 def _run(rank, world, *, local_size, density, momentum, steps, bad_step=None, cap=0.05):
@@ -150,3 +160,68 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere_and_keeps_residuals(cap
         assert r["unchanged"] == [True]  # and no rank's momentum or residual moved
         assert r["stats"]["skipped_steps"] == 1
         assert len(r["snapshots"]) == 4  # training went on after the skipped step
+
+
+# The case: an 8.7k-parameter MLP in 25 KB buckets, so that DDP's first step (one bucket)
+# and the rebuilt buckets after it split the parameters differently.
+RESUME_WIDTHS = (32, 128, 32, 10)
+
+
+def _hier_build():
+    model = DDP(mlp(widths=RESUME_WIDTHS), bucket_cap_mb=0.025)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    state = register_dgc(model, opt, density=0.05, hierarchical_local_size=2)
+    return model, opt, state
+
+
+def _hier_steps(model, opt, rank, steps):
+    for step in steps:
+        x, y = batch(rank, step, dim=RESUME_WIDTHS[0])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _hier_resume(rank: int, world: int, ckpt: str) -> dict:
+    model, opt, state = _hier_build()
+    _hier_steps(model, opt, rank, range(6))
+    full = [p.detach().clone() for p in model.parameters()]
+    held = {state.dgc._names[p] for p in state.dgc._params}
+
+    model, opt, state = _hier_build()
+    _hier_steps(model, opt, rank, range(4))
+    at_save = [p.detach().clone() for p in model.parameters()]
+    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(),
+                "hook": state.state_dict()}, f"{ckpt}/{rank}.pt")  # fmt: skip
+    model, opt, state = _hier_build()  # a new DDP: its first step is one bucket again
+    saved = torch.load(f"{ckpt}/{rank}.pt", weights_only=True)
+    model.module.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    state.load_state_dict(saved["hook"])
+    _hier_steps(model, opt, rank, range(4, 6))
+    resumed = [p.detach().clone() for p in model.parameters()]
+    owned = set(state.owned_names())
+    numel = {n: p.numel() for n, p in model.module.named_parameters()}
+    return {
+        "diff": max((a - b).abs().max().item() for a, b in zip(full, resumed, strict=True)),
+        "moved": max((a - b).abs().max().item() for a, b in zip(full, at_save, strict=True)),
+        "held": held,
+        "owned": owned,
+        "held_numel": sum(numel[n] for n in held),
+        "total_numel": sum(numel.values()),
+        "max_numel": max(numel.values()),
+    }
+
+
+def test_state_stays_with_its_owner_and_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    out = run_ranks(_hier_resume, 4, str(tmp_path))
+    for r in out:
+        assert r["moved"] > 1e-3  # the last two steps did move the weights
+        assert r["diff"] == 0.0, r["diff"]  # resumed = uninterrupted, bit for bit
+        # state only for the parameters this rank owns, however DDP rebuilt its buckets
+        assert r["held"] == r["owned"]
+        assert r["held_numel"] <= r["total_numel"] / 2 + r["max_numel"]
+    for node in ((0, 1), (2, 3)):  # the node's ranks own every parameter once between them
+        a, b = (out[i]["owned"] for i in node)
+        assert not a & b and len(a | b) == 6
+    assert out[0]["owned"] == out[2]["owned"]  # the same local rank owns the same on every node

@@ -171,14 +171,16 @@ def _register(rank: int, world: int) -> dict:
         len(state._names),
     )
     wd = []
-    for compensate in (True, False):
+    for mode in ("momentum", "scaled", "optimizer"):
         m = DDP(mlp())
         groups = [{"params": [m.module[0].weight], "weight_decay": 1e-3}]
         groups.append({"params": [m.module[0].bias], "weight_decay": 0.0})
         opt = torch.optim.SGD(groups, lr=0.1, momentum=0.8)
-        register_dgc(m, opt, compensate_weight_decay=compensate)
-        wd.append([g["weight_decay"] for g in opt.param_groups])
+        state = register_dgc(m, opt, weight_decay=mode)
+        in_hook = [state._decay.get(p, 0.0) for p in (m.module[0].weight, m.module[0].bias)]
+        wd.append(([g["weight_decay"] for g in opt.param_groups], in_hook))
     out["weight_decay"] = wd
+    out["bad_mode"] = _outcome(lambda: register_dgc(DDP(mlp()), sgd(m), weight_decay="x"))
     m = DDP(mlp())
     adam = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01)
     state = register_dgc(m, adam)
@@ -208,9 +210,13 @@ def test_register_dgc():
     assert out["refused_opt"] == out["twice_opt_unchanged"] == (0.9, 1e-3)
     assert out["twice_opt"].startswith("RuntimeError: this DDP model already has")
     assert out["sgd"] == (0.9, True, [0.0], False, 6)  # moved, not applied twice
-    # SGD's decay no longer passes through momentum: x 1/(1-m) keeps its strength
-    assert out["weight_decay"][0] == pytest.approx([1e-3 / 0.2, 0.0])
-    assert out["weight_decay"][1] == [1e-3, 0.0]
+    # default: the decay moves into the hook (its own momentum buffer); "scaled": x 1/(1-m) in
+    # the optimizer; "optimizer": as given
+    assert out["weight_decay"][0] == ([0.0, 0.0], [1e-3, 0.0])
+    assert out["weight_decay"][1][0] == pytest.approx([1e-3 / 0.2, 0.0])
+    assert out["weight_decay"][1][1] == [0.0, 0.0]
+    assert out["weight_decay"][2] == ([1e-3, 0.0], [0.0, 0.0])
+    assert out["bad_mode"].startswith("ValueError: weight_decay must be one of 'momentum'")
     assert out["adam"] == (0.0, (0.9, 0.999), 0.01)  # error feedback only; Adam untouched
 
 

@@ -139,22 +139,26 @@ def _resume_groups(rank, world, out_dir, args):
     )
     info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo", "test")
     trainer = Trainer(cfg, info)
-    groups = [(g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups]
-    step = trainer.step
+    groups = [
+        (g["lr"], g["weight_decay"], g["dgc_weight_decay"]) for g in trainer.optimizer.param_groups
+    ]
+    step, in_hook = trainer.step, sorted(set(trainer.hook_state._decay.values()))
     trainer.close()
-    return step, groups
+    return step, groups, in_hook
 
 
 def test_resume_applies_the_configs_learning_rate_and_weight_decay(tmp_path):
     base = ["--run.name=r", "--optim.schedule=constant", "--optim.warmup_epochs=0"]
     run_ranks(_train, 2, str(tmp_path), [*base, "--run.max_steps=4"])
     fine_tune = [*base, "--run.max_steps=8", "--checkpoint.resume=auto", "--optim.lr=0.01"]
-    step, groups = run_ranks(
+    step, groups, in_hook = run_ranks(
         _resume_groups, 2, str(tmp_path), [*fine_tune, "--optim.weight_decay=0.001"]
     )[0]
     assert step == 4
-    # SGD momentum 0.9 moved into DGC: weight decay x 1/(1-0.9) (biases and norms: no decay)
-    assert groups == [(0.01, pytest.approx(0.01)), (0.01, 0.0)]
+    # SGD momentum 0.9 and the weight decay moved into DGC (biases and norms: no decay), with
+    # the config's values, not the checkpoint's
+    assert groups == [(0.01, 0.0, 0.001), (0.01, 0.0, 0.0)]
+    assert in_hook == [0.001]
 
 
 def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):

@@ -4,13 +4,17 @@ Needs root and ``ip netns``; skipped with the reason otherwise, and skipped when
 cluster is up (the namespace names are fixed, so two clusters cannot coexist).
 """
 
+import ast
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,8 @@ from tests.integration.cli import REPO, env
 pytestmark = pytest.mark.integration
 
 NETSIM = str(REPO / "bench" / "netsim.py")
+SELFTEST = str(REPO / "bench" / "netsim_selftest.py")
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 BUSY = "another netsim cluster is up"
 
 
@@ -127,16 +133,62 @@ def test_sigterm_tears_down_and_ends_the_nodes():
     assert _dtrain_names() <= before
 
 
+@needs_netns
+def test_selftest_measures_the_shaped_rate_and_leaves_nothing():
+    before = _dtrain_names()
+    r = subprocess.run(
+        [sys.executable, SELFTEST, "--rate", "100mbit", "--seconds", "1"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    _skip_if_busy(r)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.fullmatch(
+        r"rate 100mbit: one way ([\d.]+) Mbit/s; both ways at once ([\d.]+) and ([\d.]+) Mbit/s\n",
+        r.stdout,
+    )
+    assert m and all(30 < float(x) < 110 for x in m.groups()), r.stdout
+    assert _dtrain_names() <= before
+
+
+def test_netsim_imports_only_the_standard_library():
+    # netsim.py is what the other bench/ network tools build on (the self-test among them), so
+    # it imports none of them; that is also why a lone copy of it runs (the test below).
+    tree = ast.parse(Path(NETSIM).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    top = {name.split(".")[0] for name in names}
+    assert top <= sys.stdlib_module_names, sorted(top - sys.stdlib_module_names)
+
+
+def _python_for_nobody(script: str) -> str:
+    """A Python that user nobody can start and that can read ``script``: this one, unless its
+    venv sits in a folder nobody cannot enter (a clone under /root or a mktemp -d folder);
+    else the system's python3 (netsim.py needs only the standard library)."""
+    probe = "import sys; open(sys.argv[1]).close()"
+    for exe in (sys.executable, shutil.which("python3", path=os.defpath)):
+        if exe is None:
+            continue
+        r = subprocess.run([*AS_NOBODY, exe, "-c", probe, script], cwd="/", capture_output=True)
+        if r.returncode == 0:
+            return exe
+    pytest.skip(f"user nobody can run no Python here that reads {script}")
+
+
 @pytest.mark.skipif(
     shutil.which("setpriv") is None or os.geteuid() != 0,
     reason="needs root and setpriv (to run as nobody)",
 )
 def test_without_root_one_line_and_exit_2():
-    r = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         sys.executable, NETSIM, "cleanup"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    # Wherever the clone is, nobody may not be able to read it: run a copy of netsim.py from a
+    # folder anyone can read.
+    with tempfile.TemporaryDirectory(prefix="netsim-nobody-") as tmp:
+        os.chmod(tmp, 0o755)
+        script = shutil.copy(NETSIM, tmp)
+        os.chmod(script, 0o644)
+        r = subprocess.run(
+            [*AS_NOBODY, _python_for_nobody(script), script, "cleanup"],
+            cwd=tmp, env=env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
     assert r.returncode == 2
     assert r.stderr == "netsim needs root (network namespaces and tc): run as root\n"
     assert r.stdout == ""

@@ -129,3 +129,24 @@ def test_select_topk_dispatch():
     assert torch.equal(exact, sparsify.select_exact(v, k))
     sampled = sparsify.select_topk(v, k, exact=False, sample_ratio=0.01, start=3)
     assert torch.equal(sampled, sparsify.select_sampled(v, k, sample_ratio=0.01, start=3))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_decay_momentum_plus_hook_momentum_is_sgds_buffer(nesterov):
+    g = torch.Generator().manual_seed(3)
+    m, wd = 0.9, 0.01
+    u, d, buf = torch.zeros(50), torch.zeros(50), torch.zeros(50)
+    for _ in range(5):
+        w, grad = torch.randn(50, generator=g), torch.randn(50, generator=g)
+        d_out = torch.empty(50)
+        term = sparsify.decay_momentum(
+            w, d, momentum=m, weight_decay=wd, nesterov=nesterov, d_out=d_out
+        )
+        d_before = d.clone()
+        u = m * u + grad  # the hook's dense momentum
+        out = (grad + m * u if nesterov else u) + term
+        buf = m * buf + grad + wd * w  # torch.optim.SGD's buffer, decay included
+        sgd = grad + wd * w + m * buf if nesterov else buf
+        torch.testing.assert_close(out, sgd)
+        assert torch.equal(d, d_before)  # the input is untouched until the caller commits
+        d = d_out
