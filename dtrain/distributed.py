@@ -12,9 +12,9 @@
 * otherwise **a single process** (world size 1, an in-memory store).
 
 The backend is NCCL with one device per local rank when CUDA devices are present (and the
-device is not forced to CPU), gloo otherwise. Local rank ``l`` takes visible device
-``l % device_count``: with ``srun --gpus-per-task=1`` every task sees only its own GPU, as
-device 0.
+device is not forced to CPU), gloo otherwise. Local rank ``l`` takes visible device ``l``, or
+device 0 when it sees only one (``srun --gpus-per-task=1`` shows every task its own GPU as
+device 0); more local ranks than visible GPUs is one line and exit code 2.
 """
 
 import dataclasses
@@ -226,6 +226,19 @@ def uses_cuda(device: str) -> bool:
     return use_cuda
 
 
+def _gpu_index(local_rank: int, visible: int) -> int:
+    """This process's GPU: its local rank's, or the only one it sees (``srun --gpus-per-task=1``
+    shows each task its own GPU as device 0); RankError when two ranks would share one."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RankError(
+            f"local rank {local_rank} has no GPU ({visible} visible): start at most one process "
+            f"per GPU (with srun: --gpus-per-task=1, or as many tasks per node as GPUs)"
+        )
+    return local_rank
+
+
 def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
     """Join (or create) the default process group and pick this process's device.
 
@@ -241,8 +254,7 @@ def init_distributed(*, device: str = "auto", threads: int = 0) -> DistInfo:
     local_rank, local_world = int(le["local_rank"]), int(le["local_world_size"])
     use_cuda = uses_cuda(device)
     if use_cuda:
-        # One GPU per local rank, or (srun --gpus-per-task) only this task's GPUs visible.
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", _gpu_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

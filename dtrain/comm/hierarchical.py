@@ -89,9 +89,11 @@ def assign_owners(numels: list[int], parts: int, loads: list[int] | None = None)
     """The owner (a local rank in ``[0, parts)``) of each parameter, by its size, in order.
 
     Each parameter goes to the local rank that owns the fewest elements so far (ties: the lowest
-    rank), so the owners' totals stay within one parameter of each other over every stretch of
-    consecutive parameters, and a DDP bucket (consecutive parameters) splits about evenly.
-    ``loads`` (updated in place) carries the totals on from earlier calls.
+    rank). The owners' totals then differ by at most the largest parameter after every prefix,
+    so over any stretch of consecutive parameters (a DDP bucket) by at most twice that: a bucket
+    splits about evenly when its parameters are small against it, less well than a split of that
+    bucket alone could when a few large ones dominate (the price of ownership that does not
+    depend on buckets). ``loads`` (updated in place) carries the totals on from earlier calls.
     """
     loads = loads if loads is not None else [0] * parts
     owners = []
@@ -206,7 +208,7 @@ class HierarchicalDGCState:
         if state.get("owned") != self.owned_names():
             raise ValueError(
                 "the hierarchical state was saved for another assignment of parameters to "
-                "local ranks (another model, ranks per node, or a dtrain before 0.1.1)"
+                "local ranks (another model or ranks per node, or an older dtrain)"
             )
         self.dgc.load_state_dict(state["dgc"])
         self._node_bytes[2] = int(state["node_bytes_total"])

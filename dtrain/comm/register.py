@@ -160,6 +160,11 @@ def register_dgc(
         >>> state = register_dgc(ddp, opt, density=0.001)
     """
     ddp = unwrap_ddp(ddp_model)
+    if "compensate_weight_decay" in dgc_kwargs:
+        raise TypeError(
+            "register_dgc's compensate_weight_decay is now weight_decay: 'momentum' (default, "
+            "exactly SGD's), 'scaled' (was True) or 'optimizer' (was False)"
+        )
     for key in ("momentum", "nesterov"):
         if key in dgc_kwargs:
             raise TypeError(

@@ -100,9 +100,9 @@ def _residuals(state):
     }
 
 
-def _allreduce(rank, world, steps, cap=0.05):
+def _allreduce(rank, world, steps, cap=0.05, momentum=0.0):
     model = DDP(mlp(widths=WIDTHS_FOR_CAP[cap]), bucket_cap_mb=cap)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     for step in range(steps):
         x, y = batch(rank, step, dim=WIDTHS[0])
         opt.zero_grad()
@@ -122,6 +122,16 @@ def test_density_one_without_momentum_is_allreduce(cap, local_size):
     for r in range(4):
         for a, b in zip(ref[r], hier[r]["params"], strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_one_node_has_nothing_to_compress_and_runs_dense_momentum():
+    ref = run_ranks(_allreduce, 4, 6, momentum=0.9)
+    hier = run_ranks(_run, 4, local_size=4, density=0.01, momentum=0.9, steps=6)
+    for r in range(4):
+        for a, b in zip(ref[r], hier[r]["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # not sparsified
+    # each rank's share goes dense (to a group of one): the shares add up to the model
+    assert sum(r["stats"]["bytes_sent"] for r in hier) == hier[0]["stats"]["dense_bytes"]
 
 
 def test_one_rank_per_node_is_flat_dgc_exactly():
@@ -201,6 +211,12 @@ def _hier_resume(rank: int, world: int, ckpt: str) -> dict:
     _hier_steps(model, opt, rank, range(4, 6))
     resumed = [p.detach().clone() for p in model.parameters()]
     owned = set(state.owned_names())
+    other = dict(saved["hook"], owned=sorted(set(saved["hook"]["owned"]) ^ {"0.weight"}))
+    try:  # a state saved for another assignment of parameters to local ranks
+        state.load_state_dict(other)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
     numel = {n: p.numel() for n, p in model.module.named_parameters()}
     return {
         "diff": max((a - b).abs().max().item() for a, b in zip(full, resumed, strict=True)),
@@ -210,6 +226,7 @@ def _hier_resume(rank: int, world: int, ckpt: str) -> dict:
         "held_numel": sum(numel[n] for n in held),
         "total_numel": sum(numel.values()),
         "max_numel": max(numel.values()),
+        "refused": refused,
     }
 
 
@@ -221,6 +238,7 @@ def test_state_stays_with_its_owner_and_a_resumed_run_equals_the_uninterrupted_o
         # state only for the parameters this rank owns, however DDP rebuilt its buckets
         assert r["held"] == r["owned"]
         assert r["held_numel"] <= r["total_numel"] / 2 + r["max_numel"]
+        assert r["refused"].startswith("the hierarchical state was saved for another assignment")
     for node in ((0, 1), (2, 3)):  # the node's ranks own every parameter once between them
         a, b = (out[i]["owned"] for i in node)
         assert not a & b and len(a | b) == 6

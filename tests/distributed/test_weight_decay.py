@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.comm import register_dgc
 from tests.distributed.harness import run_ranks
-from tests.distributed.models import mlp, train_step
+from tests.distributed.models import batch, mlp, train_step
 
 WD = 0.05  # strong, so that a decay of the wrong strength shows within a few steps
 
@@ -120,3 +120,38 @@ def test_a_second_registration_restores_momentum_and_decay(tmp_path):
     assert out["changed"].startswith(
         "ValueError: this SGD optimizer was converted by an earlier register_dgc"
     )
+
+
+def _scaled(rank: int, world: int, nesterov: bool) -> dict:
+    """DDP + SGD and DGC (density 1, no masking), both under a GradScaler, with an inf injected
+    in rank 1's loss at step 3: decay in loss-scaled units, and no decay committed that step."""
+
+    def train(model, opt, scaler):
+        for step in range(8):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if step == 3 and rank == 1:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+
+    ref = DDP(mlp())
+    sgd, sgd_scale = train(ref, _sgd(ref, nesterov=nesterov), torch.amp.GradScaler("cpu"))
+    model = DDP(mlp())
+    opt = _sgd(model, nesterov=nesterov)
+    scaler = torch.amp.GradScaler("cpu")
+    state = register_dgc(model, opt, grad_scaler=scaler, density=1.0, momentum_masking=False)
+    dgc, dgc_scale = train(model, opt, scaler)
+    return {"diff": _max_diff(sgd, dgc), "scales": (sgd_scale, dgc_scale),
+            "skipped": state.stats()["skipped_steps"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_decay_follows_the_loss_scale_and_skips_a_non_finite_step(nesterov):
+    for r in run_ranks(_scaled, 2, nesterov):
+        assert r["skipped"] == 1
+        assert r["scales"][0] == r["scales"][1] == 2.0**15  # backed off once, on both
+        assert r["diff"] < 1e-6, r["diff"]

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from dtrain import distributed
 from dtrain.distributed import DistInfo, first_slurm_host, launch_env, slurm_tasks_per_node
-from dtrain.errors import UserError
+from dtrain.errors import RankError, UserError
 
 
 @pytest.mark.parametrize(
@@ -174,3 +174,10 @@ def test_gpus_per_task_local_rank_takes_the_only_visible_gpu(monkeypatch):
     assert info.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
     assert info.local_rank == 1 and info.local_world_size == 2 and info.backend == "nccl"
     assert groups[0][0] == ("nccl",) and groups[0][1]["rank"] == 1
+
+
+def test_gpu_index_own_gpu_or_the_only_visible_one_never_shared():
+    assert distributed._gpu_index(3, 8) == 3
+    assert distributed._gpu_index(3, 1) == 0  # --gpus-per-task=1: the task's own GPU
+    with pytest.raises(RankError, match=r"local rank 4 has no GPU \(4 visible\)"):
+        distributed._gpu_index(4, 4)  # would share cuda:0 with local rank 0

@@ -138,11 +138,10 @@ def test_decay_momentum_plus_hook_momentum_is_sgds_buffer(nesterov):
     u, d, buf = torch.zeros(50), torch.zeros(50), torch.zeros(50)
     for _ in range(5):
         w, grad = torch.randn(50, generator=g), torch.randn(50, generator=g)
-        d_out = torch.empty(50)
+        d_out, d_before = torch.empty(50), d.clone()
         term = sparsify.decay_momentum(
             w, d, momentum=m, weight_decay=wd, nesterov=nesterov, d_out=d_out
         )
-        d_before = d.clone()
         u = m * u + grad  # the hook's dense momentum
         out = (grad + m * u if nesterov else u) + term
         buf = m * buf + grad + wd * w  # torch.optim.SGD's buffer, decay included
