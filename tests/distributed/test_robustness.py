@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.comm import DGCState, dgc_hook, make_hook, register_dgc
-from tests.distributed.harness import run_ranks
+from tests.distributed.harness import outcome, run_ranks
 from tests.distributed.models import batch, mlp, train_step
 
 WIDE = (32, 256, 128, 10)  # weights large enough for sampled (not exact) selection
@@ -125,39 +125,31 @@ def test_resume_is_identical_to_uninterrupted_run(tmp_path):
         assert "saved with world size 3, this job has 2" in r["refused"]
 
 
-def _outcome(fn) -> str:
-    try:
-        fn()
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return "ok"
-
-
 def _register(rank: int, world: int) -> dict:
     out = {}
     plain = mlp()
     sgd = lambda m, **kw: torch.optim.SGD(m.parameters(), lr=0.1, **kw)  # noqa: E731
-    out["plain"] = _outcome(lambda: register_dgc(plain, sgd(plain)))
-    out["compiled_plain"] = _outcome(lambda: register_dgc(torch.compile(plain), sgd(plain)))
+    out["plain"] = outcome(lambda: register_dgc(plain, sgd(plain)))
+    out["compiled_plain"] = outcome(lambda: register_dgc(torch.compile(plain), sgd(plain)))
     ddp = DDP(mlp())
-    out["compiled_ddp"] = _outcome(lambda: register_dgc(torch.compile(ddp), sgd(ddp, momentum=0.9)))
-    out["twice"] = _outcome(lambda: register_dgc(ddp, sgd(ddp, momentum=0.9)))
+    out["compiled_ddp"] = outcome(lambda: register_dgc(torch.compile(ddp), sgd(ddp, momentum=0.9)))
+    out["twice"] = outcome(lambda: register_dgc(ddp, sgd(ddp, momentum=0.9)))
     builtin = DDP(mlp())
     builtin._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
-    out["builtin"] = _outcome(lambda: register_dgc(builtin, sgd(builtin)))
+    out["builtin"] = outcome(lambda: register_dgc(builtin, sgd(builtin)))
     m = DDP(mlp())
     groups = [
         {"params": list(m.parameters())[:2], "momentum": 0.9},
         {"params": list(m.parameters())[2:], "momentum": 0.5},
     ]
-    out["groups"] = _outcome(lambda: register_dgc(m, torch.optim.SGD(groups, lr=0.1)))
-    out["dampening"] = _outcome(lambda: register_dgc(m, sgd(m, momentum=0.9, dampening=0.1)))
-    out["momentum_kwarg"] = _outcome(lambda: register_dgc(m, sgd(m), momentum=0.5))
+    out["groups"] = outcome(lambda: register_dgc(m, torch.optim.SGD(groups, lr=0.1)))
+    out["dampening"] = outcome(lambda: register_dgc(m, sgd(m, momentum=0.9, dampening=0.1)))
+    out["momentum_kwarg"] = outcome(lambda: register_dgc(m, sgd(m), momentum=0.5))
     refused_opt = sgd(m, momentum=0.9, weight_decay=1e-3)
-    out["bad_density"] = _outcome(lambda: register_dgc(m, refused_opt, density=0))
+    out["bad_density"] = outcome(lambda: register_dgc(m, refused_opt, density=0))
     g = refused_opt.param_groups[0]
     out["refused_opt"] = (g["momentum"], g["weight_decay"])  # a refusal changes nothing
-    out["twice_opt"] = _outcome(lambda: register_dgc(ddp, refused_opt))
+    out["twice_opt"] = outcome(lambda: register_dgc(ddp, refused_opt))
     out["twice_opt_unchanged"] = (g["momentum"], g["weight_decay"])
 
     m = DDP(mlp())
@@ -180,7 +172,7 @@ def _register(rank: int, world: int) -> dict:
         in_hook = [state._decay.get(p, 0.0) for p in (m.module[0].weight, m.module[0].bias)]
         wd.append(([g["weight_decay"] for g in opt.param_groups], in_hook))
     out["weight_decay"] = wd
-    out["bad_mode"] = _outcome(lambda: register_dgc(DDP(mlp()), sgd(m), weight_decay="x"))
+    out["bad_mode"] = outcome(lambda: register_dgc(DDP(mlp()), sgd(m), weight_decay="x"))
     m = DDP(mlp())
     adam = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01)
     state = register_dgc(m, adam)

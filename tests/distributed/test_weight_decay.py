@@ -6,7 +6,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.comm import register_dgc
-from tests.distributed.harness import run_ranks
+from tests.distributed.harness import outcome, run_ranks
 from tests.distributed.models import batch, mlp, train_step
 
 WD = 0.05  # strong, so that a decay of the wrong strength shows within a few steps
@@ -70,14 +70,6 @@ def test_one_rank_runs_dense_momentum():
     assert out["residuals"] == 0
 
 
-def _outcome(fn) -> str:
-    try:
-        fn()
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return "ok"
-
-
 def _register_again(rank: int, world: int, ckpt: str) -> dict:
     out = {}
     first = DDP(mlp())
@@ -108,7 +100,7 @@ def _register_again(rank: int, world: int, ckpt: str) -> dict:
 
     # 3. a converted optimizer whose momentum was set again by hand: ambiguous, refused
     opt.param_groups[0]["momentum"] = 0.5
-    out["changed"] = _outcome(lambda: register_dgc(DDP(mlp()), opt, density=0.1))
+    out["changed"] = outcome(lambda: register_dgc(DDP(mlp()), opt, density=0.1))
     return out
 
 
