@@ -4,7 +4,7 @@ Command (defaults shown)::
 
     .venv/bin/python bench/bench_accuracy.py --config configs/digits.toml --seeds 0,1,2,3,4 \\
         --nproc 2 --hooks allreduce,dgc [--out runs/bench_accuracy] [--json out.json] \\
-        [-- --section.key=value ...]
+        [--variant 'NAME=HOOK --section.key=value ...' ...] [-- --section.key=value ...]
 
 For each seed and hook it runs the real job, ``torchrun --nproc_per_node=NPROC -m dtrain.train
 --config CONFIG --run.seed=S --comm.hook=H``, with any overrides after ``--`` (for example
@@ -12,7 +12,11 @@ For each seed and hook it runs the real job, ``torchrun --nproc_per_node=NPROC -
 ``metrics.jsonl``: final test accuracy (or perplexity), bytes sent and the compression ratio (per
 rank, all steps). The allreduce runs keep SGD momentum in the optimizer; the DGC runs move it into
 the hook (``register_dgc``), as a user's job would. The table gives every seed, the mean and
-standard deviation per hook, and each seed's DGC − allreduce difference.
+standard deviation per hook, and each seed's DGC − allreduce difference. ``--variant`` names
+columns of their own (a hook and overrides only it gets), to compare DGC's modes side by side::
+
+    .venv/bin/python bench/bench_accuracy.py --seeds 0,1,2 --variant 'allreduce=allreduce' \\
+        --variant 'paper=dgc --comm.mode=paper' --variant 'lr_weighted=dgc'
 
 ResNet-20 on CIFAR-10 (needs the local data set)::
 
@@ -41,8 +45,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(args: argparse.Namespace, hook: str, seed: int, extra: list[str]) -> dict:
-    name = f"{Path(args.config).stem}-{hook}-seed{seed}"
+def run_job(args: argparse.Namespace, variant: str, hook: str, seed: int, extra: list[str]) -> dict:
+    name = f"{Path(args.config).stem}-{variant}-seed{seed}"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dtrain.train",
@@ -71,18 +75,37 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--hooks", default="allreduce,dgc")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'NAME=HOOK [--section.key=value ...]'",
+        help="a named column: a hook with its own overrides (repeatable; replaces --hooks), "
+        "e.g. --variant 'paper=dgc --comm.mode=paper'",
+    )
     ap.add_argument("--out", default="runs/bench_accuracy")
     ap.add_argument("--json", help="write every run's summary here")
     ap.add_argument("extra", nargs="*", help="overrides for every run, after --")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
+    # column name -> (hook, its own overrides)
+    variants = {h.strip(): (h.strip(), []) for h in args.hooks.split(",") if h.strip()}
+    if args.variant:
+        variants = {}
+        for text in args.variant:
+            name, sep, rest = text.partition("=")
+            words = rest.split()
+            if not sep or not name.strip() or not words:
+                ap.error(f"--variant needs 'NAME=HOOK [overrides]', got {text!r}")
+            variants[name.strip()] = (words[0], words[1:])
+    hooks = list(variants)
     load = machine_line(1)
 
     results: dict[str, dict[int, dict]] = {h: {} for h in hooks}
     for seed in seeds:
         for hook in hooks:
-            results[hook][seed] = run_job(args, hook, seed, args.extra)
+            kind, own = variants[hook]
+            results[hook][seed] = run_job(args, hook, kind, seed, [*args.extra, *own])
             s = results[hook][seed]
             print(f"seed {seed} {hook}: {json.dumps(s)}", file=sys.stderr, flush=True)
 
@@ -125,7 +148,10 @@ def main() -> None:
         f"{load}\n"
     )
     print(md_table(headers, rows))
-    write_json(args.json, {"config": args.config, "extra": args.extra, "results": results})
+    write_json(
+        args.json,
+        {"config": args.config, "extra": args.extra, "variants": variants, "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Command (defaults shown)::
 
     .venv/bin/python bench/bench_overhead.py --widths 8192,1792,10 --batch 32 --warmup 5 \\
         --steps 20 --density 0.001 --threads 1 \\
-        --hooks compute,ddp,allreduce,fp16,powersgd,dgc32,dgc16 [--profile] [--json out.json]
+        --hooks compute,ddp,allreduce,fp16,powersgd,dgc32,dgc16,dgcpaper [--profile] \\
+        [--json out.json]
 
 What is measured: 2 ranks (spawned processes, gloo, ``torch.set_num_threads(1)`` each) train the
 MLP Linear(8192, 1792) -> ReLU -> Linear(1792, 10) (14.7M parameters) on random data (batch 32
@@ -25,7 +26,8 @@ Hooks: ``compute`` (a no-op hook returning the bucket unchanged: forward/backwar
 with no communication), ``ddp`` (DDP without a hook: its built-in C++ allreduce), ``allreduce``,
 ``fp16``, ``powersgd`` (rank ``--powersgd-rank``, start_powerSGD_iter 2; on gloo ``make_hook``
 returns ``powersgd_waiting_hook``, which waits for each bucket, so no overlap with backward),
-``dgc32`` / ``dgc16`` (DGC with fp32 / fp16 values).
+``dgc32`` / ``dgc16`` (DGC's default mode with fp32 / fp16 values), ``dgcpaper`` (the paper's
+mode, fp32: ``shared/DGC.md``).
 
 ``--profile`` additionally runs a few DGC (fp32) steps under ``torch.profiler`` on rank 0 after
 the timing, and prints the ops that took the most CPU time inside the step.

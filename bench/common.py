@@ -147,6 +147,7 @@ HOOK_NOTES = {
     ),
     "dgc32": "make_hook('dgc', density {density}, momentum 0.9, value_dtype float32)",
     "dgc16": "make_hook('dgc', density {density}, momentum 0.9, value_dtype float16)",
+    "dgcpaper": "make_hook('dgc', mode 'paper', density {density}, momentum 0.9)",
 }
 ALL_HOOKS = tuple(HOOK_NOTES)
 
@@ -174,9 +175,10 @@ def register(
             start_powerSGD_iter=2,
             min_compression_rate=powersgd_min_rate,
         )
-    elif label in ("dgc32", "dgc16"):
-        vdt = torch.float32 if label == "dgc32" else torch.float16
-        state, hook = make_hook("dgc", density=density, momentum=0.9, value_dtype=vdt)
+    elif label in ("dgc32", "dgc16", "dgcpaper"):
+        vdt = torch.float16 if label == "dgc16" else torch.float32
+        mode = "paper" if label == "dgcpaper" else "lr_weighted"
+        state, hook = make_hook("dgc", density=density, momentum=0.9, value_dtype=vdt, mode=mode)
         state.attach(ddp.module.named_parameters())
     else:
         raise ValueError(f"unknown hook {label!r}; choose from {', '.join(ALL_HOOKS)}")

@@ -230,6 +230,7 @@ class OptimConfig:
 
 
 HOOKS = ("dgc", "allreduce", "fp16", "powersgd")
+DGC_MODES = ("lr_weighted", "paper")  # dtrain.comm.dgc_state.MODES (no torch import here)
 
 
 @dataclass
@@ -244,8 +245,19 @@ class CommConfig:
     """DDP bucket size in MB."""
     density: float = 0.001
     """DGC: fraction of each compressed tensor sent per step."""
-    momentum_masking: bool = True
-    """DGC: momentum factor masking."""
+    mode: str = "lr_weighted"
+    """DGC: ``lr_weighted`` (no masking; residuals hold learning-rate-weighted momentum, flushed
+    into the weights after the last step; at density 1 exactly SGD with momentum) or ``paper``
+    (``shared/DGC.md`` as published). See ``docs/modes.md``."""
+    momentum_masking: str = "auto"
+    """DGC: momentum factor masking, ``true``/``false``; ``auto``: the mode's (paper: on)."""
+    selection: str = "tensor"
+    """DGC: ``tensor`` (k entries of each compressed tensor, the paper's) or ``bucket`` (the same
+    total taken from a bucket's compressed tensors at once, largest residuals first; depends on
+    DDP's bucket layout, so a resumed run is not bit-exact)."""
+    flush: str = "auto"
+    """DGC: after the last step, apply what the residuals still hold to the weights (one dense
+    allreduce), ``true``/``false``; ``auto``: on in ``lr_weighted`` mode with SGD."""
     clip_norm: float = 0.0
     """DGC: local gradient clipping norm C (scaled by N^-1/2); 0: off."""
     start_iter: int = 0
@@ -288,6 +300,23 @@ class CommConfig:
         if not 0.0 < self.density <= 1.0:
             raise UserError(f"comm.density must be in (0, 1], got {self.density!r}")
         _at_least(s, "clip_norm", self.clip_norm, 0.0)
+        _choice(s, "mode", self.mode, DGC_MODES)
+        _choice(s, "momentum_masking", self.momentum_masking, ("auto", "true", "false"))
+        _choice(s, "flush", self.flush, ("auto", "true", "false"))
+        _choice(s, "selection", self.selection, ("tensor", "bucket"))
+        masking = self.momentum_masking == "true" or (
+            self.momentum_masking == "auto" and self.mode == "paper"
+        )
+        if self.selection == "bucket" and masking:
+            raise UserError(
+                "comm.momentum_masking (on by default in mode 'paper') needs comm.selection = "
+                "'tensor' (masking works per tensor)"
+            )
+        if self.flush == "true" and self.mode == "paper":
+            raise UserError(
+                "comm.flush = true needs comm.mode = 'lr_weighted': the paper's residuals carry "
+                "no learning rate to apply them at"
+            )
         _at_least(s, "start_iter", self.start_iter, 0)
         _at_least(s, "warmup_epochs", self.warmup_epochs, 0.0)
         _at_least(s, "warmup_steps", self.warmup_steps, 0)
@@ -362,6 +391,11 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not self.run.name:
             self.run.name = f"{self.model.name}-{self.data.name}-{self.comm.hook}"
+        if self.comm.hook == "dgc" and self.comm.flush == "true" and self.optim.name != "sgd":
+            raise UserError(
+                f"comm.flush = true needs optim.name = 'sgd' (the residuals are applied at SGD's "
+                f"learning rate), got {self.optim.name!r}"
+            )
         if self.comm.hook == "dgc" and self.optim.clip_grad_norm > 0:
             raise UserError(
                 "optim.clip_grad_norm would clip DGC's momentum-corrected output: with "
@@ -428,6 +462,8 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
                 raise TypeError
             return float(value)
         if typ is str:
+            if isinstance(value, bool):  # a TOML boolean for a true/false/auto choice
+                return "true" if value else "false"
             if not isinstance(value, str):
                 raise TypeError
             return value

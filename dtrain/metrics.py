@@ -13,8 +13,9 @@
         metrics.summary(final)
     print(format_summary(final))
 
-Each line of ``metrics.jsonl`` is ``{"kind": "train" | "eval" | "summary", "step": ...,
-"time": <wall seconds since the run started>, ...metrics}``. ``python -m dtrain.report`` plots it.
+Each line of ``metrics.jsonl`` is ``{"kind": "train" | "eval" | "pre_flush" | "summary", "step":
+..., "time": <wall seconds since the run started>, ...metrics}`` (``pre_flush``: the last step's
+evaluation before DGC's residuals went into the weights). ``python -m dtrain.report`` plots it.
 """
 
 import json
@@ -180,7 +181,7 @@ class MetricsLogger(NullLogger):
         Args:
             step: The optimizer step.
             metrics: Name -> number (tensors and numpy scalars are converted).
-            kind: ``train`` or ``eval``.
+            kind: ``train``, ``eval`` or ``pre_flush``.
         """
         values = {k: _plain(v) for k, v in metrics.items()}
         self._write({"kind": kind, "step": step, "time": round(self.elapsed, 3), **values})

@@ -216,7 +216,11 @@ class Trainer:
                 self.optimizer,
                 grad_scaler=self.scaler,
                 density=c.density,
-                momentum_masking=c.momentum_masking,
+                mode=c.mode,
+                selection=c.selection,
+                momentum_masking=None
+                if c.momentum_masking == "auto"
+                else c.momentum_masking == "true",
                 clip_norm=c.clip_norm or None,
                 start_iter=c.start_iter,
                 warmup_steps=warmup,
@@ -296,6 +300,13 @@ class Trainer:
         out = out.reshape(-1, out.shape[-1]).float()
         y = y.reshape(-1)
         return F.cross_entropy(out, y), (out.argmax(1) == y).sum(), y.numel()
+
+    def _flush_at_end(self) -> bool:
+        """Whether the DGC residuals go into the weights after the last step (comm.flush)."""
+        c = self.cfg.comm
+        if c.hook != "dgc" or not isinstance(self.optimizer, torch.optim.SGD):
+            return False
+        return c.flush == "true" or (c.flush == "auto" and c.mode == "lr_weighted")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         p = self.cfg.run.precision
@@ -430,6 +441,11 @@ class Trainer:
                     self.step += 1
                     window_steps += 1
                     last = self.step == self.total_steps
+                    if last and self._flush_at_end():
+                        # what the residuals still hold, into the weights; the log shows both
+                        before = self.evaluate()
+                        metrics.log(self.step, before, kind="pre_flush")
+                        self.hook_state.flush()
                     evaluated = {}
                     if self.step % cfg.logging.every_steps == 0 or last:
                         elapsed = time.perf_counter() - window_start

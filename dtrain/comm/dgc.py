@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.comm import sparsify
-from dtrain.comm.dgc_state import DGCState, _Pending
+from dtrain.comm.dgc_state import DGCState, _BucketResidual, _Pending, flat_view
 
 __all__ = ["DGCState", "dgc_hook"]
 
@@ -35,8 +35,10 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     2. Choose how the compressed parameters travel (``state.exchange``; with ``"auto"`` the
        cheaper in bytes by :mod:`dtrain.comm.costmodel`, decided once per bucket layout): a
        sparse all-gather of (value, index) pairs, or a dense reduction of them.
-    3. Compressed: clip locally, apply momentum correction into ``v``, select k entries. Sparse:
-       pack k (value / N, int32 index) pairs per parameter into one fixed-size buffer per rank,
+    3. Compressed: clip locally, apply momentum correction into ``v`` (``lr_weighted``: weighted
+       by r_t, see ``docs/modes.md``), select k entries per parameter (``selection="tensor"``)
+       or their sum over the bucket's concatenated residuals (``"bucket"``). Sparse: pack the
+       (value / N, int32 index) pairs into one fixed-size buffer per rank,
        with a flag word saying whether this rank saw a non-finite gradient. Dense: write the
        values / N at their indices into a zero buffer (in ``value_dtype``) holding also the
        dense parameters / N and a last element carrying the flag as 1.0 / 0.0.
@@ -92,7 +94,9 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     reduced: torch.Tensor | None = None  # dense path: the sum of every rank's dense buffer
     dense_buf: torch.Tensor | None = None  # the dense parameters' averaged gradients
     futures = []
-    commits: list[_Pending] = []
+    commits: list[_Pending | _BucketResidual] = []
+    rates: list[float] = []  # r_t of each compressed parameter (lr_weighted; paper: 1)
+    whole: torch.Tensor | None = None  # selection "bucket": every compressed v of the bucket
 
     if comp_items:
         ks = [k for *_, k in comp_items]
@@ -117,22 +121,35 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         if clip is not None and state._scale is not None:
             clip = clip * state._scale  # gradients are in loss-scaled units
         t0 = time.perf_counter()
+        rates = [state._rate(p, state._param_state(p)) for p, *_ in comp_items]
+        # selection "bucket": one top-k over the concatenated residuals (written there directly),
+        # unless a parameter is at rate 0 this step (then per tensor: nothing of it may leave v)
+        if state.selection == "bucket" and all(rates):
+            whole = torch.empty(comp_numel, dtype=buf.dtype, device=buf.device)
         pos = 0  # sparse: position in the packed pairs; dense: in the dense buffer
-        for p, o, n, k in comp_items:
+        for (p, o, n, k), r in zip(comp_items, rates, strict=True):
             g = buf[o : o + n]
             st = state._param_state(p)
-            st.ensure(g, momentum=m > 0, residual=True)
-            v, v_next = st.v, st.v_next
+            st.ensure(g, momentum=m > 0, residual=True, residual_next=whole is None)
+            v = st.v
+            v_next = whole[pos : pos + n] if whole is not None else st.v_next
             assert v is not None and v_next is not None  # made by ensure(residual=True)
             if clip is not None:
                 g.mul_(sparsify.clip_coefficient(g, clip, world))
             sparsify.momentum_correction(
-                g, st.u, v, momentum=m, nesterov=state.nesterov, u_out=st.u_next, v_out=v_next
-            )
+                g, st.u, v, momentum=m, nesterov=state.nesterov, u_out=st.u_next, v_out=v_next,
+                rate=r,
+            )  # fmt: skip
+            if whole is not None:
+                commits.append(_Pending(st, None, swap_u=m > 0))
+                pos += n
+                continue
             seed = step * 1_000_003 + state._order[p] * 7_919 + rank * 104_729
             idx = sparsify.select_topk(
                 v_next, k, exact=state.exact_topk, sample_ratio=state.sample_ratio, start=seed
             )
+            # sent in v's units, bounded by what v accumulated (a late r_t ~ 1e-7 of a cosine
+            # would overflow fp16 in gradient units); every receiver divides by r_t
             vals = v_next[idx].div_(world)
             c = idx.numel()
             if sparse:
@@ -145,7 +162,25 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                 assert reduced is not None  # the dense path's buffer
                 reduced[pos : pos + n].index_put_((idx,), vals.to(vdt))
                 pos += n
-            commits.append(_Pending(st, idx, swap_u=m > 0, swap_v=True))
+            # at rate 0 the output is 0 (in finish): nothing was applied, nothing leaves v
+            commits.append(_Pending(st, idx if r else None, swap_u=m > 0, swap_v=True))
+        if whole is not None:
+            seed = step * 1_000_003 + bucket.index() * 7_919 + rank * 104_729
+            idx = sparsify.select_topk(
+                whole, total_k, exact=state.exact_topk, sample_ratio=state.sample_ratio, start=seed
+            )
+            vals = whole[idx].div_(world)  # in v's units, as above
+            c = idx.numel()
+            if sparse:  # positions in the concatenation (int32: a bucket holds < 2^31)
+                p_idx[:c] = idx
+                p_val[:c] = vals
+                if c < total_k:
+                    p_idx[c:] = idx[0] if c else 0
+            else:  # the dense buffer holds the compressed parameters in the same order
+                assert reduced is not None  # the dense path's buffer
+                reduced[:comp_numel].index_put_((idx,), vals.to(vdt))
+            parts = [(state._params[p], n) for p, _, n, _ in comp_items]
+            commits.append(_BucketResidual(whole, idx, parts))
         state._cur.select_s += time.perf_counter() - t0
         if sparse:
             gathered = torch.empty(world * payload.numel(), dtype=torch.int32, device=buf.device)
@@ -226,15 +261,26 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         if gathered is not None:
             idx = rows[:, :total_k].to(torch.long)
             vals = vals.to(buf.dtype)
-            starts = torch.tensor([o for _, o, _, _ in comp_items], device=buf.device)
-            idx += torch.repeat_interleave(starts, torch.tensor(ks, device=buf.device))
+            if whole is not None:
+                _positions_to_offsets(idx, vals, comp_items, rates)
+            else:
+                pos = 0
+                for k, r in zip(ks, rates, strict=True):  # lr_weighted: v's units to the
+                    if r != 1.0:  # step's gradient (a Python scalar: nothing to copy over)
+                        vals[:, pos : pos + k].mul_(1.0 / r if r else 0.0)
+                    pos += k
+                starts = torch.tensor([o for _, o, _, _ in comp_items], device=buf.device)
+                idx += torch.repeat_interleave(starts, torch.tensor(ks, device=buf.device))
             for _, o, n, _ in comp_items:
                 buf[o : o + n].zero_()
             buf.index_add_(0, idx.view(-1), vals.reshape(-1))
         elif reduced is not None:
             pos = 0
-            for _, o, n, _ in comp_items:
-                buf[o : o + n].copy_(reduced[pos : pos + n])
+            for (_, o, n, _), r in zip(comp_items, rates, strict=True):
+                if r == 1.0:
+                    buf[o : o + n].copy_(reduced[pos : pos + n])
+                else:  # from v's units to the step's gradient
+                    torch.mul(reduced[pos : pos + n], 1.0 / r if r else 0.0, out=buf[o : o + n])
                 pos += n
         if dense_buf is not None:
             pos = 0
@@ -263,6 +309,28 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     return fut.then(finish)
 
 
+def _positions_to_offsets(
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    comp_items: list[tuple[torch.Tensor, int, int, int]],
+    rates: list[float],
+) -> None:
+    """Selection "bucket", in place: positions in the concatenated compressed parameters ->
+    offsets in the bucket, values from v's units to the step's gradient (divided by r_t)."""
+    sizes = torch.tensor([n for _, _, n, _ in comp_items], device=idx.device)
+    ends = sizes.cumsum(0)
+    # per parameter: its offset in the bucket - its start in the concatenation
+    shift = torch.tensor([o for _, o, _, _ in comp_items], device=idx.device) - (ends - sizes)
+    which = torch.searchsorted(ends, idx, right=True)
+    if len(set(rates)) == 1:
+        if rates[0] != 1.0:
+            vals.mul_(1.0 / rates[0])
+    else:  # parameter groups at different rates (all > 0 here)
+        inv = torch.tensor([1.0 / r for r in rates], dtype=vals.dtype, device=vals.device)
+        vals.mul_(inv[which])
+    idx += shift[which]
+
+
 def _add_decay(
     state: DGCState, items: list[tuple[torch.Tensor, int, int]], buf: torch.Tensor
 ) -> None:
@@ -272,9 +340,7 @@ def _add_decay(
     pend = []
     for p, o, n in items:
         st = state._params[p]
-        w = p.detach()
-        # the bucket holds the gradient in the parameter's memory order (DDP's bucket views)
-        w = w.view(-1) if w.is_contiguous() else w.as_strided((n,), (1,))
+        w = flat_view(p)  # the bucket holds the gradient in this order (DDP's bucket views)
         assert st.d is not None and st.d_next is not None  # ensure(decay=True), in the hook
         term = sparsify.decay_momentum(
             w,

@@ -16,11 +16,15 @@ import torch.distributed as dist
 
 from dtrain.comm import costmodel, sparsify
 
-__all__ = ["DGCState"]
+__all__ = ["MODES", "DGCState"]
 
 logger = logging.getLogger("dtrain.comm.dgc")
 
 _VALUE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# "paper": shared/DGC.md as written; "lr_weighted": no masking, residuals accumulate
+# learning-rate-weighted momentum (docs/modes.md)
+MODES = ("paper", "lr_weighted")
+SELECTIONS = ("tensor", "bucket")
 
 
 class _ParamState:
@@ -31,9 +35,10 @@ class _ParamState:
     committed (buffers swapped) only once the whole step is known to be finite on every rank.
     """
 
-    __slots__ = ("d", "d_next", "u", "u_next", "v", "v_next")
+    __slots__ = ("d", "d_next", "lr_ref", "u", "u_next", "v", "v_next")
 
     def __init__(self) -> None:
+        self.lr_ref: float | None = None  # lr_weighted: the learning rate v is expressed at
         self.u: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.d: torch.Tensor | None = None
@@ -42,7 +47,13 @@ class _ParamState:
         self.d_next: torch.Tensor | None = None
 
     def ensure(
-        self, like: torch.Tensor, *, momentum: bool, residual: bool, decay: bool = False
+        self,
+        like: torch.Tensor,
+        *,
+        momentum: bool,
+        residual: bool,
+        decay: bool = False,
+        residual_next: bool = True,
     ) -> None:
         if momentum and self.u is None:
             self.u = torch.zeros_like(like)
@@ -50,7 +61,7 @@ class _ParamState:
             self.u_next = torch.empty_like(like)
         if residual and self.v is None:
             self.v = torch.zeros_like(like)
-        if residual and self.v_next is None:
+        if residual and residual_next and self.v_next is None:
             self.v_next = torch.empty_like(like)
         if decay and self.d is None:
             self.d = torch.zeros_like(like)
@@ -76,6 +87,26 @@ class _Pending:
         self.swap_u, self.swap_v, self.swap_d = swap_u, swap_v, swap_d
 
 
+class _BucketResidual:
+    """Selection "bucket": the step's residuals of a bucket's compressed parameters, one buffer
+    (``whole``, in bucket order) of which each parameter's ``v`` becomes a view on commit, once
+    the selected entries ``sent`` are zeroed (one ``index_fill_``, no per-parameter split)."""
+
+    __slots__ = ("parts", "sent", "whole")
+
+    def __init__(
+        self, whole: torch.Tensor, sent: torch.Tensor, parts: list[tuple[_ParamState, int]]
+    ) -> None:
+        self.whole, self.sent, self.parts = whole, sent, parts
+
+    def commit(self) -> None:
+        self.whole.index_fill_(0, self.sent, 0)
+        pos = 0
+        for st, n in self.parts:
+            st.v = self.whole[pos : pos + n]
+            pos += n
+
+
 class DGCState:
     """State of :func:`dgc_hook`: hyper-parameters, per-parameter momentum and residuals, stats.
 
@@ -84,7 +115,21 @@ class DGCState:
         density: fraction of each compressed parameter's entries sent per step, in (0, 1].
         momentum: momentum ``m`` applied in the hook (the optimizer's own must be 0), in [0, 1).
         nesterov: Nesterov momentum correction.
-        momentum_masking: zero ``u`` where entries were sent (momentum factor masking).
+        mode: ``"paper"`` (``shared/DGC.md`` exactly) or ``"lr_weighted"`` (default): momentum
+            correction without masking, and the residual accumulates each step's momentum
+            weighted by that step's learning rate relative to a reference, ``v <- v + r_t*u``
+            with ``r_t = lr_t / lr_ref``, sent entries divided by ``r_t`` again; so an entry
+            that waits in the residual is applied at the rate it was earned at, and at density
+            1 the hook is exactly SGD with momentum. It needs the optimizer
+            (:meth:`set_lr_source`; :func:`~dtrain.comm.register_dgc` calls it) and can apply
+            what is left in the residuals once at the end (:meth:`flush`).
+        momentum_masking: zero ``u`` where entries were sent (momentum factor masking); None:
+            the mode's (paper: True, lr_weighted: False).
+        selection: ``"tensor"`` (default: k = ceil(d * numel) entries of each compressed
+            parameter, the paper's) or ``"bucket"`` (the sum of those k over a bucket's
+            compressed parameters, taken from all of them at once: a parameter whose residual
+            holds more sends more, at the same bytes; the result then depends on DDP's bucket
+            layout, which DDP rebuilds after its first step, so a resumed run is not bit-exact).
         clip_norm: local gradient clipping norm C (scaled by N^-1/2), > 0, or None for none.
         start_iter: steps before this one are dense (plain allreduce with hook momentum), >= 0.
         warmup_steps: length of the exponential density warm-up after ``start_iter``, >= 0.
@@ -114,7 +159,9 @@ class DGCState:
         density: float = 0.001,
         momentum: float = 0.9,
         nesterov: bool = False,
-        momentum_masking: bool = True,
+        mode: str = "lr_weighted",
+        momentum_masking: bool | None = None,
+        selection: str = "tensor",
         clip_norm: float | None = None,
         start_iter: int = 0,
         warmup_steps: int = 0,
@@ -144,6 +191,8 @@ class DGCState:
                 f"exchange must be one of {', '.join(map(repr, costmodel.EXCHANGES))}, "
                 f"got {exchange!r}"
             )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
         if nesterov and momentum == 0.0:
             raise ValueError("nesterov=True needs momentum in (0, 1), got momentum=0")
 
@@ -152,7 +201,20 @@ class DGCState:
         self.density = float(density)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
+        self.mode = mode
+        if momentum_masking is None:
+            momentum_masking = mode == "paper"
         self.momentum_masking = bool(momentum_masking)
+        if selection not in SELECTIONS:
+            raise ValueError(
+                f"selection must be one of {', '.join(map(repr, SELECTIONS))}, got {selection!r}"
+            )
+        if selection == "bucket" and self.momentum_masking:
+            raise ValueError(
+                "momentum_masking=True needs selection='tensor' (it zeroes momentum per "
+                "parameter where entries were sent)"
+            )
+        self.selection = selection
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.start_iter = start_iter
         self.warmup_steps = warmup_steps
@@ -168,11 +230,12 @@ class DGCState:
         self.iter = 0  # synchronised steps seen (t of DGC.md)
         self._params: dict[torch.Tensor, _ParamState] = {}
         self._decay: dict[torch.Tensor, float] = {}  # weight decay per parameter (local)
+        self._groups: dict[torch.Tensor, dict[str, Any]] = {}  # optimizer param group (lr)
         self._solo_logged = False  # "a group of one: dense" said once
         self._names: dict[torch.Tensor, str] = {}  # set by attach()
         self._order: dict[torch.Tensor, int] = {}  # stable per-parameter number (sampling seed)
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}  # from load_state_dict, by name
-        self._pending: list[_Pending] = []
+        self._pending: list[_Pending | _BucketResidual] = []
         self._step_bad = False
         self._step_open = False
         self._scale: float | None = None  # loss scale u and v are expressed in
@@ -187,9 +250,12 @@ class DGCState:
         self.skipped_steps = 0
 
         logger.info(
-            "DGC: density=%g momentum=%g nesterov=%s masking=%s clip_norm=%s start_iter=%d "
+            "DGC: mode=%s selection=%s density=%g momentum=%g nesterov=%s masking=%s clip_norm=%s "
+            "start_iter=%d "
             "warmup_steps=%d/%d stages exact_topk=%s sample_ratio=%g min_compress_numel=%d "
             "values=%s exchange=%s",
+            mode,
+            selection,
             self.density,
             self.momentum,
             self.nesterov,
@@ -225,6 +291,90 @@ class DGCState:
         for wd in decays.values():
             _check_range("weight_decay", wd, 0.0, math.inf, ">= 0")
         self._decay = {p: float(wd) for p, wd in decays.items() if wd}
+
+    def set_lr_source(self, optimizer: torch.optim.Optimizer) -> None:
+        """Read each parameter's learning rate from ``optimizer`` (``lr_weighted`` mode).
+
+        The rate is read from its param group (a Python float: no device sync) once per step in
+        the hook, so it is the rate the following ``optimizer.step()`` applies; the reference
+        ``lr_ref`` of a parameter is its group's ``initial_lr`` (set by torch LR schedulers),
+        else its rate at the first compressed step; it is saved in :meth:`state_dict`.
+        """
+        self._groups = {p: g for g in optimizer.param_groups for p in g["params"]}
+
+    def _rate(self, p: torch.Tensor, st: _ParamState) -> float:
+        """``r_t = lr_t / lr_ref`` of a compressed parameter (1 in the paper's mode)."""
+        if self.mode == "paper":
+            return 1.0
+        g = self._groups.get(p)
+        if g is None:
+            return 1.0  # no optimizer given: v in units of the current rate
+        lr = float(g["lr"])
+        if st.lr_ref is None:
+            ref = float(g.get("initial_lr", lr)) or lr
+            if ref <= 0.0:
+                return 0.0  # nothing to weigh against yet: nothing enters v
+            st.lr_ref = ref
+        return lr / st.lr_ref
+
+    @torch.no_grad()
+    def flush(self) -> int:
+        """Apply what every rank's residuals still hold to the weights, once (``lr_weighted``).
+
+        Collective (every rank calls it, after the last step, before evaluating or saving): one
+        dense allreduce of the residuals of all compressible parameters, ``w <- w - mean_k
+        lr_ref * v_k``, then ``v <- 0``. Momentum is kept. Returns the bytes this rank sent
+        (counted in :meth:`stats`).
+        """
+        world = dist.get_world_size(self.process_group)
+        return self._flush(self.process_group, holders=world)
+
+    def _flush(self, group: dist.ProcessGroup | None, *, holders: int) -> int:
+        """:meth:`flush` over ``group``, where ``holders`` ranks keep a residual for each
+        parameter (the others contribute zeros)."""
+        if self.mode == "paper":
+            raise RuntimeError(
+                "flush() belongs to mode='lr_weighted': the paper's residuals carry no "
+                "learning rate to apply them at"
+            )
+        if not self._groups:
+            raise RuntimeError(
+                "flush() needs the learning rates: call state.set_lr_source(optimizer) "
+                "(register_dgc does)"
+            )
+        self._finish_step()
+        if holders == 1 and dist.get_world_size(self.process_group) == 1:
+            return 0  # a group of one ran dense: no residuals anywhere
+        # the compressible parameters, in model order: the same list on every rank
+        params = [
+            p
+            for p in self._names
+            if p.requires_grad and p.dim() > 1 and p.numel() >= self.min_compress_numel
+        ]
+        if not params:
+            return 0
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                           device=params[0].device)  # fmt: skip
+        scale = self._scale or 1.0  # v is in loss-scaled units
+        off = 0
+        for p in params:
+            n = p.numel()
+            st = self._params.get(p)
+            if st is not None and st.v is not None and st.lr_ref is not None:
+                flat[off : off + n].add_(st.v, alpha=st.lr_ref / scale)
+                st.v.zero_()
+            off += n
+        dist.all_reduce(flat, group=group)
+        flat.div_(holders)
+        off = 0
+        for p in params:
+            n = p.numel()
+            flat_view(p).sub_(flat[off : off + n])
+            off += n
+        sent = flat.numel() * flat.element_size()
+        self._total.sent += sent  # in the totals; the last step's figures stay the step's
+        logger.info("DGC: residuals flushed into the weights (%d B sent)", sent)
+        return sent
 
     def density_at(self, step: int) -> float:
         """d(t): the density used at synchronised step ``step`` (warm-up included)."""
@@ -325,6 +475,9 @@ class DGCState:
             )
         else:
             for job in pending:
+                if isinstance(job, _BucketResidual):
+                    job.commit()
+                    continue
                 st = job.state
                 if job.swap_u:
                     st.u, st.u_next = st.u_next, st.u
@@ -384,7 +537,14 @@ class DGCState:
             )
         params: dict[str, dict[str, torch.Tensor]] = {}
         for p, st in self._params.items():
-            entry = {k: t for k, t in (("u", st.u), ("v", st.v), ("d", st.d)) if t is not None}
+            # a residual may be a view of its bucket's buffer (selection "bucket"): save it alone
+            entry = {
+                k: t if t._base is None else t.clone()
+                for k, t in (("u", st.u), ("v", st.v), ("d", st.d))
+                if t is not None
+            }
+            if st.lr_ref is not None:
+                entry["lr_ref"] = torch.tensor(st.lr_ref, dtype=torch.float64)
             if entry:
                 params[self._names[p]] = entry
         params.update(self._loaded)  # loaded but not yet used: keep them
@@ -456,10 +616,18 @@ class _StepStats:
         self.select_s += o.select_s
 
 
+def flat_view(p: torch.Tensor) -> torch.Tensor:
+    """``p`` (its data) as one flat tensor in memory order, the order of its gradient in DDP's
+    buckets (a view, so writing it writes ``p``)."""
+    w = p.detach()
+    return w.view(-1) if w.is_contiguous() else w.as_strided((p.numel(),), (1,))
+
+
 def _load_into(st: _ParamState, entry: dict[str, torch.Tensor], device: torch.device) -> None:
     st.u = entry["u"].to(device) if "u" in entry else None
     st.v = entry["v"].to(device) if "v" in entry else None
     st.d = entry["d"].to(device) if "d" in entry else None
+    st.lr_ref = float(entry["lr_ref"]) if "lr_ref" in entry else None
     st.u_next = st.v_next = st.d_next = None
 
 

@@ -196,9 +196,21 @@ class HierarchicalDGCState:
     def set_weight_decay(self, decays: dict[torch.Tensor, float]) -> None:
         self.dgc.set_weight_decay(decays)
 
+    def set_lr_source(self, optimizer: torch.optim.Optimizer) -> None:
+        self.dgc.set_lr_source(optimizer)
+
+    def flush(self) -> int:
+        """:meth:`DGCState.flush` across the whole job: each parameter's residual lives on its
+        owner in every node, so the world's sum is divided by the number of nodes."""
+        return self.dgc._flush(None, holders=dist.get_world_size(self.dgc.process_group))
+
     @property
     def momentum(self) -> float:
         return self.dgc.momentum
+
+    @property
+    def mode(self) -> str:
+        return self.dgc.mode
 
     def _owners_of(self, params: list[torch.Tensor]) -> list[int]:
         """Each parameter's owner; one not seen before (no :meth:`attach`) is assigned now, the

@@ -195,6 +195,8 @@ def register_dgc(
         hook = hierarchical_dgc_hook
     state.grad_scaler = grad_scaler
     state.attach(ddp.module.named_parameters())
+    if isinstance(optimizer, torch.optim.SGD):  # lr_weighted: v <- v + (lr_t / lr_ref) * u
+        state.set_lr_source(optimizer)
     sgd_moves = isinstance(optimizer, torch.optim.SGD) and momentum > 0
     if sgd_moves and weight_decay == "momentum":
         state.set_weight_decay(

@@ -75,19 +75,30 @@ def momentum_correction(
     nesterov: bool,
     u_out: torch.Tensor | None,
     v_out: torch.Tensor,
+    rate: float = 1.0,
 ) -> None:
     """Momentum correction, written to ``u_out``/``v_out`` (the inputs are left untouched).
 
-    ``u' = m*u + g``; ``v' = v + u'`` (Nesterov: ``v' = v + g + m*u'``). With ``momentum == 0``
-    there is no ``u`` and ``v' = v + g``. Writing to separate outputs lets the caller commit the
-    update only once every rank is known to be finite.
+    ``u' = m*u + g``; ``v' = v + r*u'`` (Nesterov: ``v' = v + r*(g + m*u')``), ``r`` = ``rate``
+    (1 in the paper; the ``lr_weighted`` mode's learning-rate ratio). With ``momentum == 0``
+    there is no ``u`` and ``v' = v + r*g``. Writing to separate outputs lets the caller commit
+    the update only once every rank is known to be finite.
     """
     if momentum == 0.0:
-        torch.add(v, grad, out=v_out)
+        if rate == 1.0:
+            torch.add(v, grad, out=v_out)
+        else:
+            torch.add(v, grad, alpha=rate, out=v_out)
         return
     assert u is not None and u_out is not None
     torch.add(grad, u, alpha=momentum, out=u_out)
-    if nesterov:
+    if rate != 1.0:
+        if nesterov:
+            torch.add(v, grad, alpha=rate, out=v_out)
+            v_out.add_(u_out, alpha=momentum * rate)
+        else:
+            torch.add(v, u_out, alpha=rate, out=v_out)
+    elif nesterov:
         torch.add(v, grad, out=v_out)
         v_out.add_(u_out, alpha=momentum)
     else:

@@ -12,12 +12,25 @@ from tests.distributed.harness import run_ranks
 from tests.distributed.models import mlp, train_step
 from tests.distributed.recording import Recorder, recording_hook, reference_dgc
 
+PAPER = {"mode": "paper"}
 VARIANTS = {
-    "momentum": {"momentum": 0.9, "nesterov": False, "momentum_masking": True},
-    "nesterov": {"momentum": 0.9, "nesterov": True, "momentum_masking": True},
-    "no_masking": {"momentum": 0.9, "nesterov": False, "momentum_masking": False},
-    "clipped": {"momentum": 0.5, "nesterov": False, "momentum_masking": True, "clip_norm": 0.05},
-}
+    "momentum": {**PAPER, "momentum": 0.9, "nesterov": False, "momentum_masking": True},
+    "nesterov": {**PAPER, "momentum": 0.9, "nesterov": True, "momentum_masking": True},
+    "no_masking": {**PAPER, "momentum": 0.9, "nesterov": False, "momentum_masking": False},
+    "clipped": {
+        **PAPER, "momentum": 0.5, "nesterov": False, "momentum_masking": True, "clip_norm": 0.05
+    },
+    # docs/modes.md: no masking, residuals weighted by lr_t / lr_0 (the schedule below); and
+    # one top-k over each bucket's compressed parameters (both weight matrices share one here)
+    "lr_weighted": {"mode": "lr_weighted", "momentum": 0.9, "nesterov": False},
+    "lr_weighted_nesterov": {"mode": "lr_weighted", "momentum": 0.9, "nesterov": True},
+    "lr_weighted_clipped": {"mode": "lr_weighted", "momentum": 0.5, "nesterov": False,
+                            "clip_norm": 0.05},
+    "lr_weighted_bucket": {"mode": "lr_weighted", "momentum": 0.9, "nesterov": False,
+                           "selection": "bucket"},
+    "lr_weighted_bucket_nesterov": {"mode": "lr_weighted", "momentum": 0.9, "nesterov": True,
+                                    "selection": "bucket"},
+}  # fmt: skip
 COMMON = {
     "density": 0.05,
     "start_iter": 2,
@@ -26,24 +39,31 @@ COMMON = {
     "exact_topk": True,
 }
 STEPS = 9
+# the LR factor of each step (every variant trains under it; only lr_weighted reads it): a drop,
+# a rise and a step at rate 0, where nothing may leave the residual
+LR_FACTORS = [1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.25, 1.0, 0.1]
 
 
 def _record(rank: int, world: int) -> dict:
     runs = {}
     for name, variant in VARIANTS.items():
-        model = DDP(mlp(), bucket_cap_mb=0.005)
+        # paper: a bucket per weight matrix; lr_weighted: one bucket for all (23 kB)
+        model = DDP(mlp(), bucket_cap_mb=0.005 if variant["mode"] == "paper" else 0.05)
         state = DGCState(**COMMON, **variant)
         names = {p: n for n, p in model.module.named_parameters()}
         state.attach(model.module.named_parameters())
         rec = Recorder(state, names)
         model.register_comm_hook(rec, recording_hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: LR_FACTORS[min(t, STEPS - 1)])
+        state.set_lr_source(opt)
         outs = []
         for step in range(STEPS):
             train_step(model, opt, rank, step)
+            sched.step()
             outs.append({names[p]: p.grad.detach().reshape(-1).clone() for p in model.parameters()})
             rec.next_step()
-        runs[name] = {"grads": rec.grads[:-1], "outs": outs}
+        runs[name] = {"grads": rec.grads[:-1], "outs": outs, "buckets": rec.buckets[:-1]}
     shapes = {n: tuple(p.shape) for n, p in mlp().named_parameters()}
     return {"runs": runs, "shapes": shapes}
 
@@ -62,12 +82,16 @@ def test_hook_agrees_with_single_process_recomputation(recorded, variant):
         density=cfg["density"],
         momentum=cfg["momentum"],
         nesterov=cfg["nesterov"],
-        masking=cfg["momentum_masking"],
+        masking=cfg.get("momentum_masking", False),
         clip_norm=cfg.get("clip_norm"),
         start_iter=cfg["start_iter"],
         warmup_steps=cfg["warmup_steps"],
         min_compress_numel=cfg["min_compress_numel"],
         shapes=recorded[0]["shapes"],
+        rates=LR_FACTORS if cfg["mode"] == "lr_weighted" else None,
+        buckets=recorded[0]["runs"][variant]["buckets"]
+        if cfg.get("selection") == "bucket"
+        else None,
     )
     for rank, r in enumerate(recorded):
         for step, out in enumerate(r["runs"][variant]["outs"]):

@@ -1,5 +1,7 @@
 """The trainer on 2 gloo ranks in-process: byte accounting per hook, accumulation, determinism."""
 
+import json
+
 import pytest
 import torch
 
@@ -75,7 +77,6 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
 
 
 def _lm(rank, world, out_dir, args):
-    import json
     import os
 
     corpus = os.path.dirname(json.__file__)  # Python's own sources: a local text corpus
@@ -98,7 +99,6 @@ def test_language_models_train_with_dgc_and_report_perplexity(tmp_path, model, o
     assert summary["test_perplexity"] < 40  # vocabulary ~100: uniform guessing is ~100
     assert stats["ratio"] > 10
     lines = (tmp_path / model / "metrics.jsonl").read_text().splitlines()
-    import json
 
     train = [json.loads(x) for x in lines if '"train"' in x]
     assert train[-1]["perplexity"] < train[0]["perplexity"]
@@ -162,7 +162,6 @@ def test_resume_applies_the_configs_learning_rate_and_weight_decay(tmp_path):
 
 
 def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):
-    import json
 
     from dtrain.optim import lr_factor
 
@@ -176,3 +175,43 @@ def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):
         cfg.optim.lr * lr_factor(cfg.optim, s, total_steps=10, warmup_steps=0) for s in range(10)
     ]
     assert logged == pytest.approx(want) and logged[-1] > 0
+
+
+def _residual_left(rank, world, out_dir, args):
+    cfg = load_config(
+        "configs/digits.toml", ["--logging.progress=false", f"--run.out_dir={out_dir}", *args]
+    )
+    info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo", "test")
+    trainer = Trainer(cfg, info)
+    summary = trainer.train()
+    state = trainer.hook_state
+    left = max(float(st.v.abs().max()) for st in state._params.values() if st.v is not None)
+    flushable = sum(
+        p.numel() * 4
+        for p in trainer.model.parameters()
+        if p.dim() > 1 and p.numel() >= cfg.comm.min_compress_numel
+    )
+    trainer.close()
+    return summary["bytes_sent_total"], left, flushable
+
+
+def test_the_job_flushes_the_residuals_after_the_last_step_in_lr_weighted_mode(tmp_path):
+    args = ["--run.max_steps=8", "--comm.warmup_epochs=0", "--comm.density=0.01"]
+    runs = {
+        name: run_ranks(_residual_left, 2, str(tmp_path), [*args, f"--run.name={name}", *extra])[0]
+        for name, extra in {
+            "auto": [],
+            "off": ["--comm.flush=false"],
+            "paper": ["--comm.mode=paper"],
+        }.items()
+    }
+    sent, left, flushable = runs["auto"]
+    assert left == 0.0  # everything the residuals held is in the weights
+    assert runs["off"][1] > 0 and runs["paper"][1] > 0  # no flush: the residuals still hold it
+    assert sent - runs["off"][0] == flushable  # one dense allreduce of them, counted
+    kinds = {
+        name: [json.loads(x)["kind"] for x in (tmp_path / name / "metrics.jsonl").open()]
+        for name in runs
+    }
+    # the evaluation before the flush is logged too: what the flush changed shows
+    assert kinds["auto"].count("pre_flush") == 1 and "pre_flush" not in kinds["off"]

@@ -48,6 +48,13 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
         (["--comm.exact_topk=maybe"], "comm.exact_topk must be bool"),
         (["--comm.hook=topk"], "comm.hook must be one of dgc, allreduce, fp16, powersgd"),
         (["--comm.density=0"], "comm.density must be in (0, 1]"),
+        (["--comm.mode=ef"], "comm.mode must be one of lr_weighted, paper"),
+        (["--comm.momentum_masking=maybe"], "comm.momentum_masking must be one of auto, true"),
+        (["--comm.mode=paper", "--comm.flush=true"], "comm.flush = true needs comm.mode"),
+        (["--comm.selection=layer"], "comm.selection must be one of tensor, bucket"),
+        (["--comm.selection=bucket", "--comm.momentum_masking=true"], "needs comm.selection"),
+        (["--comm.selection=bucket", "--comm.mode=paper"], "needs comm.selection"),
+        (["--optim.name=adamw", "--comm.flush=true"], "comm.flush = true needs optim.name"),
         (["--optim.momentum=1"], "optim.momentum must be in [0, 1)"),
         (["--data.name=cifar10"], "data.path is required"),
         (["--run.name=a/b"], "run.name must be a plain directory name"),
@@ -106,3 +113,20 @@ def test_seed_out_of_range_is_one_line():
 
     with pytest.raises(UserError, match=r"run.seed must be in \[0, 2\*\*32\)"):
         load_config(None, ["--run.seed=18446744073709551616"])
+
+
+def test_momentum_masking_reads_toml_booleans_of_older_run_configs(tmp_path):
+    """Run directories written before the modes hold ``momentum_masking = true``."""
+    f = tmp_path / "c.toml"
+    f.write_text("[comm]\nmomentum_masking = true\n")
+    assert load_config(str(f)).comm.momentum_masking == "true"
+    f.write_text("[comm]\nmomentum_masking = false\n")
+    assert load_config(str(f)).comm.momentum_masking == "false"
+    assert load_config(None).comm.momentum_masking == "auto"
+
+
+def test_config_modes_are_the_hooks():
+    from dtrain.comm.dgc_state import MODES
+    from dtrain.config import DGC_MODES
+
+    assert sorted(DGC_MODES) == sorted(MODES)

@@ -47,14 +47,17 @@ def test_clip_coefficient_scales_to_c_over_sqrt_n():
     assert sparsify.clip_coefficient(g, clip_norm=100.0, world_size=4).item() == 1.0
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.3, 0.0])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_momentum_correction(nesterov):
+def test_momentum_correction(nesterov, rate):
     g, u, v = torch.randn(50), torch.randn(50), torch.randn(50)
     u0, v0 = u.clone(), v.clone()
     u_out, v_out = torch.empty(50), torch.empty(50)
-    sparsify.momentum_correction(g, u, v, momentum=0.9, nesterov=nesterov, u_out=u_out, v_out=v_out)
+    sparsify.momentum_correction(
+        g, u, v, momentum=0.9, nesterov=nesterov, u_out=u_out, v_out=v_out, rate=rate
+    )
     u_ref = 0.9 * u0 + g
-    v_ref = v0 + g + 0.9 * u_ref if nesterov else v0 + u_ref
+    v_ref = v0 + rate * (g + 0.9 * u_ref if nesterov else u_ref)
     torch.testing.assert_close(u_out, u_ref)
     torch.testing.assert_close(v_out, v_ref)
     assert torch.equal(u, u0) and torch.equal(v, v0)  # inputs untouched until commit
@@ -64,6 +67,10 @@ def test_momentum_zero_is_plain_accumulation():
     g, v, out = torch.randn(20), torch.randn(20), torch.empty(20)
     sparsify.momentum_correction(g, None, v, momentum=0.0, nesterov=False, u_out=None, v_out=out)
     assert torch.equal(out, v + g)
+    sparsify.momentum_correction(
+        g, None, v, momentum=0.0, nesterov=False, u_out=None, v_out=out, rate=0.5
+    )
+    torch.testing.assert_close(out, v + 0.5 * g)
 
 
 def test_select_exact_is_topk_of_magnitude():
