@@ -10,10 +10,12 @@ Command (defaults shown)::
 What is measured: 2 ranks (spawned processes, gloo, ``torch.set_num_threads(1)`` each) train the
 MLP Linear(8192, 1792) -> ReLU -> Linear(1792, 10) (14.7M parameters) on random data (batch 32
 per rank). Every hook gets its own freshly built DDP model (same seed) and SGD optimizer (lr
-0.01; momentum ``--sgd-momentum``, 0.9 by default, for the baselines; 0 for DGC, whose momentum
-0.9 lives in the hook, as ``register_dgc`` arranges). All models live in the same process pair
-and the steps are interleaved: step i runs every hook once, in an order that rotates with i, so
-all hooks see the same machine conditions. ``--warmup`` interleaved steps are untimed.
+0.01 with a cosine schedule over the run; momentum ``--sgd-momentum``, 0.9 by default, for the
+baselines; 0 for DGC, whose momentum 0.9 lives in the hook, as ``register_dgc`` arranges, and
+which reads the rate from the optimizer, as ``register_dgc`` arranges too). All models live in
+the same process pair and the steps are interleaved: step i runs every hook once, in an order
+that rotates with i, so all hooks see the same machine conditions. ``--warmup`` interleaved
+steps are untimed.
 
 A step is ``zero_grad``, forward, cross-entropy, backward (with the hook's communication) and
 ``optimizer.step()``, timed with ``time.perf_counter`` between a barrier before it and the end of
@@ -34,6 +36,7 @@ the timing, and prints the ops that took the most CPU time inside the step.
 """
 
 import argparse
+import math
 import time
 
 import torch
@@ -80,7 +83,13 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
         )
         momentum = 0.0 if label.startswith("dgc") else cfg["sgd_momentum"]
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=momentum)
-        models[label] = (ddp, opt, state)
+        # a cosine over the run: lr_weighted then divides by a new r_t every step, as in training
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / (cfg["warmup"] + cfg["steps"])))
+        )
+        if label.startswith("dgc"):
+            state.set_lr_source(opt)
+        models[label] = (ddp, opt, state, sched)
     batches = make_batches(rank, 4, cfg["batch"], in_shape, num_classes(model_name, widths))
 
     times: dict[str, list[float]] = {h: [] for h in hooks}
@@ -91,11 +100,12 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
         x, y = batches[i % len(batches)]
         order = hooks[i % len(hooks) :] + hooks[: i % len(hooks)]
         for label in order:
-            ddp, opt, state = models[label]
+            ddp, opt, state, sched = models[label]
             dist.barrier()
             t0 = time.perf_counter()
             _step(ddp, opt, x, y)
             dt = time.perf_counter() - t0
+            sched.step()
             if i >= cfg["warmup"]:
                 times[label].append(dt)
                 if label.startswith("dgc"):
@@ -119,7 +129,7 @@ def _profile(rank: int, entry: tuple, batches: list, cfg: dict) -> str | None:
     """Top CPU ops of a few DGC steps (rank 0's table; both ranks run the same steps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ddp, opt, _ = entry
+    ddp, opt, *_ = entry
     steps = cfg["profile_steps"]
     dist.barrier()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

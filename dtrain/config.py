@@ -257,7 +257,8 @@ class CommConfig:
     DDP's bucket layout, so a resumed run is not bit-exact)."""
     flush: str = "auto"
     """DGC: after the last step, apply what the residuals still hold to the weights (one dense
-    allreduce), ``true``/``false``; ``auto``: on in ``lr_weighted`` mode with SGD."""
+    allreduce), ``true``/``false``; ``auto``: in ``lr_weighted`` mode with SGD, when the last
+    step's learning rate is at most a tenth of ``optim.lr`` (an annealed schedule)."""
     clip_norm: float = 0.0
     """DGC: local gradient clipping norm C (scaled by N^-1/2); 0: off."""
     start_iter: int = 0

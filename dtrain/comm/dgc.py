@@ -261,19 +261,19 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         if gathered is not None:
             idx = rows[:, :total_k].to(torch.long)
             vals = vals.to(buf.dtype)
+            which = None  # selection "bucket": each pair's parameter
             if whole is not None:
-                _positions_to_offsets(idx, vals, comp_items, rates)
+                which = _positions_to_offsets(idx, comp_items)
             else:
-                pos = 0
-                for k, r in zip(ks, rates, strict=True):  # lr_weighted: v's units to the
-                    if r != 1.0:  # step's gradient (a Python scalar: nothing to copy over)
-                        vals[:, pos : pos + k].mul_(1.0 / r if r else 0.0)
-                    pos += k
                 starts = torch.tensor([o for _, o, _, _ in comp_items], device=buf.device)
                 idx += torch.repeat_interleave(starts, torch.tensor(ks, device=buf.device))
             for _, o, n, _ in comp_items:
                 buf[o : o + n].zero_()
             buf.index_add_(0, idx.view(-1), vals.reshape(-1))
+            if any(r != 1.0 for r in rates):
+                # lr_weighted: from v's units to the step's gradient, after the sum, as the
+                # dense path does (the same bits whichever path a bucket takes)
+                _divide_sent(buf, idx, rates, ks, which)
         elif reduced is not None:
             pos = 0
             for (_, o, n, _), r in zip(comp_items, rates, strict=True):
@@ -310,25 +310,43 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
 
 
 def _positions_to_offsets(
-    idx: torch.Tensor,
-    vals: torch.Tensor,
-    comp_items: list[tuple[torch.Tensor, int, int, int]],
-    rates: list[float],
-) -> None:
+    idx: torch.Tensor, comp_items: list[tuple[torch.Tensor, int, int, int]]
+) -> torch.Tensor:
     """Selection "bucket", in place: positions in the concatenated compressed parameters ->
-    offsets in the bucket, values from v's units to the step's gradient (divided by r_t)."""
+    offsets in the bucket; returns each pair's parameter (its number in ``comp_items``)."""
     sizes = torch.tensor([n for _, _, n, _ in comp_items], device=idx.device)
     ends = sizes.cumsum(0)
     # per parameter: its offset in the bucket - its start in the concatenation
     shift = torch.tensor([o for _, o, _, _ in comp_items], device=idx.device) - (ends - sizes)
     which = torch.searchsorted(ends, idx, right=True)
-    if len(set(rates)) == 1:
-        if rates[0] != 1.0:
-            vals.mul_(1.0 / rates[0])
-    else:  # parameter groups at different rates (all > 0 here)
-        inv = torch.tensor([1.0 / r for r in rates], dtype=vals.dtype, device=vals.device)
-        vals.mul_(inv[which])
     idx += shift[which]
+    return which
+
+
+def _divide_sent(
+    buf: torch.Tensor,
+    idx: torch.Tensor,
+    rates: list[float],
+    ks: list[int],
+    which: torch.Tensor | None,
+) -> None:
+    """Divide the summed entries at ``idx`` (every rank's, bucket offsets) by their parameter's
+    r_t (0 at rate 0); ``which``: each pair's parameter (selection "bucket"), else per-parameter
+    runs of ``ks`` pairs. An index sent by several ranks is rewritten with the same value."""
+    if which is None:
+        pos = 0
+        for k, r in zip(ks, rates, strict=True):
+            if r != 1.0:  # a Python scalar: nothing to copy to the device
+                at = idx[:, pos : pos + k].reshape(-1)
+                buf.index_put_((at,), buf[at] * (1.0 / r if r else 0.0))
+            pos += k
+        return
+    at = idx.view(-1)
+    if len(set(rates)) == 1:
+        buf.index_put_((at,), buf[at] * (1.0 / rates[0]))
+    else:  # parameter groups at different rates (all > 0 here)
+        inv = torch.tensor([1.0 / r for r in rates], dtype=buf.dtype, device=buf.device)
+        buf.index_put_((at,), buf[at] * inv[which.view(-1)])
 
 
 def _add_decay(

@@ -230,7 +230,8 @@ class DGCState:
         self.iter = 0  # synchronised steps seen (t of DGC.md)
         self._params: dict[torch.Tensor, _ParamState] = {}
         self._decay: dict[torch.Tensor, float] = {}  # weight decay per parameter (local)
-        self._groups: dict[torch.Tensor, dict[str, Any]] = {}  # optimizer param group (lr)
+        self._optimizer: Any = None  # lr_weighted: where the learning rates are read
+        self._groups: dict[torch.Tensor, int] = {}  # parameter -> its param group's number
         self._solo_logged = False  # "a group of one: dense" said once
         self._names: dict[torch.Tensor, str] = {}  # set by attach()
         self._order: dict[torch.Tensor, int] = {}  # stable per-parameter number (sampling seed)
@@ -298,17 +299,20 @@ class DGCState:
         The rate is read from its param group (a Python float: no device sync) once per step in
         the hook, so it is the rate the following ``optimizer.step()`` applies; the reference
         ``lr_ref`` of a parameter is its group's ``initial_lr`` (set by torch LR schedulers),
-        else its rate at the first compressed step; it is saved in :meth:`state_dict`.
+        else its rate at the first compressed step; it is saved in :meth:`state_dict`. Groups are
+        looked up by number each step: ``optimizer.load_state_dict`` replaces the group dicts.
         """
-        self._groups = {p: g for g in optimizer.param_groups for p in g["params"]}
+        self._optimizer = optimizer
+        self._groups = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
 
     def _rate(self, p: torch.Tensor, st: _ParamState) -> float:
         """``r_t = lr_t / lr_ref`` of a compressed parameter (1 in the paper's mode)."""
         if self.mode == "paper":
             return 1.0
-        g = self._groups.get(p)
-        if g is None:
+        i = self._groups.get(p)
+        if i is None:
             return 1.0  # no optimizer given: v in units of the current rate
+        g = self._optimizer.param_groups[i]
         lr = float(g["lr"])
         if st.lr_ref is None:
             ref = float(g.get("initial_lr", lr)) or lr
@@ -593,7 +597,7 @@ class DGCState:
         d = {
             k: v
             for k, v in self.__dict__.items()
-            if k not in ("process_group", "_lock", "grad_scaler")
+            if k not in ("process_group", "_lock", "grad_scaler", "_optimizer", "_groups")
         }
         return d
 
@@ -601,6 +605,7 @@ class DGCState:
         self.__dict__.update(d)
         self.process_group = None
         self.grad_scaler = None
+        self._optimizer, self._groups = None, {}  # call set_lr_source again
         self._lock = threading.Lock()
 
 

@@ -136,12 +136,6 @@ def train(args: argparse.Namespace, device: torch.device, start: float) -> None:
                 f"| compression ratio {ratio:.0f}x",
                 flush=True,
             )
-    if dgc is not None:  # after the last step: what the residuals still hold, into the weights
-        dgc.flush()
-        s = dgc.stats()
-        ratio, sent = s["ratio_total"], s["bytes_sent_total"]
-        if rank == 0:
-            acc = accuracy(model.module, x_te, y_te)
     if rank == 0:
         print(
             f"final test accuracy {acc:.2f}% | compression ratio {ratio:.0f}x "
