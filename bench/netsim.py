@@ -66,9 +66,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "RATES",
@@ -78,6 +81,7 @@ __all__ = [
     "cleanup",
     "parse_rate",
     "read_counters",
+    "run_guarded",
     "run_torchrun",
 ]
 
@@ -316,6 +320,20 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
+def run_guarded(work: Callable[[], T]) -> tuple[int, T | None]:
+    """``(0, work())``, or a command line's exit code for what a user can cause: a NetsimError
+    (its one line, 2) or Ctrl-C (130); signal handlers installed first."""
+    install_signal_handlers()
+    try:
+        return 0, work()
+    except NetsimError as e:
+        print(e, file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print("netsim: interrupted; namespaces removed", file=sys.stderr)
+        return 130, None
+
+
 # ---------------------------------------------------------------------------------- torchrun
 
 
@@ -447,17 +465,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("cleanup", help="remove leftover dtrain-* namespaces and links")
     args = ap.parse_args(argv)
 
-    install_signal_handlers()
-    try:
-        if args.cmd == "cleanup":
-            removed = cleanup()
+    if args.cmd == "cleanup":
+        code, removed = run_guarded(cleanup)
+        if not code:
             print(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
-            return 0
+        return code
+
+    def run() -> list[NodeResult]:
         target = args.target[1:] if args.target[:1] == ["--"] else args.target
         if not target:
             raise NetsimError("run needs a target after --: a script and its arguments, or -m mod")
         with Cluster(args.nodes, args.rate) as c:
-            results = run_torchrun(
+            return run_torchrun(
                 c,
                 target,
                 nproc_per_node=args.nproc_per_node,
@@ -467,12 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 master_port=args.master_port,
                 log_dir=args.log_dir,
             )
-    except NetsimError as e:
-        print(e, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("netsim: interrupted; namespaces removed", file=sys.stderr)
-        return 130
+
+    code, results = run_guarded(run)
+    if results is None:
+        return code
     for res in results:
         code = "stopped" if res.returncode is None else res.returncode
         print(

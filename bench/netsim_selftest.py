@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from netsim import Cluster, NetsimError, _stop, install_signal_handlers
+from netsim import Cluster, _stop, run_guarded
 
 __all__ = ["selftest"]
 
@@ -130,15 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rate", default="100mbit", help="unlimited, 10gbit, 1gbit, 100mbit, ...")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
     args = ap.parse_args(argv)
-    install_signal_handlers()
-    try:
-        res = selftest(args.rate, args.seconds)
-    except NetsimError as e:
-        print(e, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("netsim: interrupted; namespaces removed", file=sys.stderr)
-        return 130
+    code, res = run_guarded(lambda: selftest(args.rate, args.seconds))
+    if res is None:
+        return code
     print(
         f"rate {args.rate}: one way {res['one_way_mbit']:.1f} Mbit/s; both ways at once "
         f"{res['ns0_to_ns1_mbit']:.1f} and {res['ns1_to_ns0_mbit']:.1f} Mbit/s"

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from dtrain.comm import sparsify
-from dtrain.comm.dgc_state import DGCState, _BucketResidual, _Pending, flat_view
+from dtrain.comm.buffers import _BucketResidual, _Pending, flat_view
+from dtrain.comm.dgc_state import DGCState
 
 __all__ = ["DGCState", "dgc_hook"]
 
