@@ -231,6 +231,7 @@ class OptimConfig:
 
 HOOKS = ("dgc", "allreduce", "fp16", "powersgd")
 DGC_MODES = ("lr_weighted", "paper")  # dtrain.comm.dgc_state.MODES (no torch import here)
+DENSITY_SCHEDULES = ("auto", "constant", "lr", "budget")
 
 
 @dataclass
@@ -259,6 +260,13 @@ class CommConfig:
     """DGC: after the last step, apply what the residuals still hold to the weights (one dense
     allreduce), ``true``/``false``; ``auto``: in ``lr_weighted`` mode with SGD, when the last
     step's learning rate is at most a tenth of ``optim.lr`` (an annealed schedule)."""
+    density_schedule: str = "auto"
+    """DGC: ``constant`` (the warm-up, then ``density``: the paper's), ``lr`` (the warm-up, then
+    a density that follows the learning rate with mean ``density``: higher while the rate is
+    high, down to a tenth of the mean at its end) or ``budget`` (every pair that the warm-up and
+    ``density`` would send over the run, spent in proportion to the learning rate from
+    ``start_iter`` on, without a separate warm-up); ``lr`` and ``budget`` need ``lr_weighted``
+    and SGD; ``auto``: ``budget`` there, else ``constant``. See ``docs/modes.md``."""
     clip_norm: float = 0.0
     """DGC: local gradient clipping norm C (scaled by N^-1/2); 0: off."""
     start_iter: int = 0
@@ -305,6 +313,12 @@ class CommConfig:
         _choice(s, "momentum_masking", self.momentum_masking, ("auto", "true", "false"))
         _choice(s, "flush", self.flush, ("auto", "true", "false"))
         _choice(s, "selection", self.selection, ("tensor", "bucket"))
+        _choice(s, "density_schedule", self.density_schedule, DENSITY_SCHEDULES)
+        if self.density_schedule in ("lr", "budget") and self.mode == "paper":
+            raise UserError(
+                f"comm.density_schedule = {self.density_schedule!r} needs comm.mode = "
+                f"'lr_weighted' (the density follows its learning-rate weights)"
+            )
         masking = self.momentum_masking == "true" or (
             self.momentum_masking == "auto" and self.mode == "paper"
         )
@@ -396,6 +410,12 @@ class JobConfig:
             raise UserError(
                 f"comm.flush = true needs optim.name = 'sgd' (the residuals are applied at SGD's "
                 f"learning rate), got {self.optim.name!r}"
+            )
+        schedule = self.comm.density_schedule
+        if self.comm.hook == "dgc" and schedule in ("lr", "budget") and self.optim.name != "sgd":
+            raise UserError(
+                f"comm.density_schedule = {schedule!r} needs optim.name = 'sgd' (the hook reads "
+                f"SGD's learning rates), got {self.optim.name!r}"
             )
         if self.comm.hook == "dgc" and self.optim.clip_grad_norm > 0:
             raise UserError(

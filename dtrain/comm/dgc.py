@@ -71,20 +71,24 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     buf = bucket.buffer()
     params = bucket.parameters()
     step = state.iter
-    density = state._cur.density
     dense_phase = step < state.start_iter or state._solo(world)
     m = state.momentum
     vdt = state.value_dtype
 
     dense_items: list[tuple[torch.Tensor, int, int]] = []  # (param, offset, numel)
     comp_items: list[tuple[torch.Tensor, int, int, int]] = []  # (param, offset, numel, k)
+    rates: list[float] = []  # r_t of each compressed parameter (lr_weighted; paper: 1)
     off = 0
     for p in params:
         n = p.numel()
         if dense_phase or p.dim() <= 1 or n < state.min_compress_numel:
             dense_items.append((p, off, n))
         else:
-            comp_items.append((p, off, n, sparsify.num_selected(n, density)))
+            r = state._rate(p, state._param_state(p))
+            d = state._density_for(step, r)
+            comp_items.append((p, off, n, sparsify.num_selected(n, d)))
+            rates.append(r)
+            state._cur.density = d  # the step's figure: the last compressed parameter's
         off += n
     if off != buf.numel():
         raise RuntimeError(f"DGC: bucket holds {buf.numel()} elements, its parameters {off}")
@@ -96,7 +100,6 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     dense_buf: torch.Tensor | None = None  # the dense parameters' averaged gradients
     futures = []
     commits: list[_Pending | _BucketResidual] = []
-    rates: list[float] = []  # r_t of each compressed parameter (lr_weighted; paper: 1)
     whole: torch.Tensor | None = None  # selection "bucket": every compressed v of the bucket
 
     if comp_items:
@@ -122,7 +125,6 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         if clip is not None and state._scale is not None:
             clip = clip * state._scale  # gradients are in loss-scaled units
         t0 = time.perf_counter()
-        rates = [state._rate(p, state._param_state(p)) for p, *_ in comp_items]
         # selection "bucket": one top-k over the concatenated residuals (written there directly),
         # unless a parameter is at rate 0 this step (then per tensor: nothing of it may leave v)
         if state.selection == "bucket" and all(rates):

@@ -51,6 +51,12 @@ class DGCState:
             compressed parameters, taken from all of them at once: a parameter whose residual
             holds more sends more, at the same bytes; the result then depends on DDP's bucket
             layout, which DDP rebuilds after its first step, so a resumed run is not bit-exact).
+        lr_density_gain: ``lr_weighted`` only: after the warm-up the density follows the
+            learning rate, each compressed parameter's ``d_t = density * q(clamp(gain * r_t,
+            0.1, 1/density))`` (:func:`~dtrain.comm.sparsify.lr_density`, quarter-octave steps);
+            :func:`~dtrain.comm.sparsify.lr_density_gain` gives the gain that keeps the run's
+            mean density at ``density`` for a schedule (about 2.24 for a cosine to 0; the job
+            computes it). None (default): the density stays ``density``.
         clip_norm: local gradient clipping norm C (scaled by N^-1/2), > 0, or None for none.
         start_iter: steps before this one are dense (plain allreduce with hook momentum), >= 0.
         warmup_steps: length of the exponential density warm-up after ``start_iter``, >= 0.
@@ -83,6 +89,7 @@ class DGCState:
         mode: str = "lr_weighted",
         momentum_masking: bool | None = None,
         selection: str = "tensor",
+        lr_density_gain: float | None = None,
         clip_norm: float | None = None,
         start_iter: int = 0,
         warmup_steps: int = 0,
@@ -136,6 +143,14 @@ class DGCState:
                 "parameter where entries were sent)"
             )
         self.selection = selection
+        if lr_density_gain is not None:
+            _check_range("lr_density_gain", lr_density_gain, 0.0, math.inf, "> 0", low_open=True)
+            if mode != "lr_weighted":
+                raise ValueError(
+                    "lr_density_gain needs mode='lr_weighted' (the density follows its r_t)"
+                )
+            lr_density_gain = float(lr_density_gain)
+        self.lr_density_gain = lr_density_gain
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.start_iter = start_iter
         self.warmup_steps = warmup_steps
@@ -172,13 +187,14 @@ class DGCState:
         self.skipped_steps = 0
 
         logger.info(
-            "DGC: mode=%s selection=%s density=%g momentum=%g nesterov=%s masking=%s clip_norm=%s "
-            "start_iter=%d "
+            "DGC: mode=%s selection=%s density=%g lr_density_gain=%s momentum=%g nesterov=%s "
+            "masking=%s clip_norm=%s start_iter=%d "
             "warmup_steps=%d/%d stages exact_topk=%s sample_ratio=%g min_compress_numel=%d "
             "values=%s exchange=%s",
             mode,
             selection,
             self.density,
+            lr_density_gain,
             self.momentum,
             self.nesterov,
             self.momentum_masking,
@@ -310,6 +326,19 @@ class DGCState:
             warmup_steps=self.warmup_steps,
             warmup_stages=self.warmup_stages,
         )
+
+    def _density_for(self, step: int, rate: float) -> float:
+        """The density of a compressed parameter at ``step`` whose r_t is ``rate``: d(t), or
+        after the warm-up with ``lr_density_gain``, :func:`~dtrain.comm.sparsify.lr_density`."""
+        gain = self.lr_density_gain
+        if gain is None or step < self.start_iter + self.warmup_steps:
+            return self._cur.density
+        if not self._groups:  # every rank alike, at the same step: the job stops, no deadlock
+            raise RuntimeError(
+                "lr_density_gain needs the learning rates: call state.set_lr_source(optimizer) "
+                "(register_dgc does for SGD)"
+            )
+        return sparsify.lr_density(self.density, rate, gain)
 
     def _exchange_for(
         self, layout: tuple[tuple[int, int], ...], world: int, rank: int, index: int

@@ -10,8 +10,11 @@ import math
 import torch
 
 __all__ = [
+    "budget_density",
     "clip_coefficient",
     "decay_momentum",
+    "lr_density",
+    "lr_density_gain",
     "momentum_correction",
     "num_selected",
     "select_exact",
@@ -51,6 +54,65 @@ def warmup_density(
         return density
     stage = t * warmup_stages // warmup_steps
     return max(density, 0.25 ** (stage + 1))
+
+
+# lr_density: the factor on the density moves in quarter octaves (2^(j/4)), so a bucket sees a
+# few dozen distinct k over a run (each layout's exchange is decided once), and never goes
+# below a tenth of the configured density.
+_LR_DENSITY_STEPS = 4
+LR_DENSITY_FLOOR = 0.1
+
+
+def budget_density(
+    density: float, *, total_steps: int, start_iter: int = 0, warmup_steps: int = 0,
+    warmup_stages: int = 4,
+) -> float:  # fmt: skip
+    """The mean of DGC.md's d(t) (:func:`warmup_density`) over steps ``start_iter`` to
+    ``total_steps``: the density that sends, spread evenly, every pair of the warm-up and
+    ``density`` over the run (``density`` itself without a warm-up)."""
+    steps = range(start_iter, total_steps)
+    if not steps:
+        return density
+    return sum(
+        warmup_density(t, density=density, start_iter=start_iter, warmup_steps=warmup_steps,
+                       warmup_stages=warmup_stages)
+        for t in steps
+    ) / len(steps)  # fmt: skip
+
+
+def lr_density(density: float, rate: float, gain: float) -> float:
+    """The density that follows the learning rate: ``density * q(clamp(gain * rate, 0.1,
+    1 / density))``, at most 1.
+
+    ``rate`` is r_t = lr_t / lr_ref and ``q`` rounds to the nearest quarter octave (2^(j/4));
+    ``gain`` is chosen (:func:`lr_density_gain`) so that the run's mean density is ``density``:
+    the same pairs in all, more of them while the rate is high and weights move far.
+    """
+    x = min(1.0 / density, max(LR_DENSITY_FLOOR, gain * rate))
+    x = 2.0 ** (round(_LR_DENSITY_STEPS * math.log2(x)) / _LR_DENSITY_STEPS)
+    return min(1.0, density * x)
+
+
+def lr_density_gain(rates: list[float], density: float) -> float:
+    """The largest ``gain`` for which the mean of :func:`lr_density` over ``rates`` (one per
+    step, the steps after the density warm-up) is at most ``density``: the same budget of
+    pairs as a constant density. For a constant rate the density stays (gain about 1); for a
+    cosine to 0 the gain is about 2.24.
+    """
+    if not any(rates):
+        return 1.0  # no rate to follow: the density stays (at the floor where the rate is 0)
+    budget = density * (1.0 + 1e-9)  # a mean of equal floats may round above them
+
+    def mean(g: float) -> float:
+        return sum(lr_density(density, r, g) for r in rates) / len(rates)
+
+    lo, hi = 0.0, 1.0
+    while mean(hi) <= budget and hi < 2.0**30:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(50):  # mean() is a non-decreasing step function of g
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean(mid) <= budget else (lo, mid)
+    return lo if lo > 0.0 else hi
 
 
 def num_selected(numel: int, density: float) -> int:

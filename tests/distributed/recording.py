@@ -43,6 +43,7 @@ def reference_dgc(
     shapes: dict,
     rates: list[float] | None = None,
     buckets: list[list[list[str]]] | None = None,
+    lr_density_gain: float | None = None,
 ) -> list[list[dict]]:
     """DGC.md re-computed in one process: ``grads[rank][step][name]`` -> outputs, same layout.
 
@@ -50,7 +51,8 @@ def reference_dgc(
     (Nesterov: ``v <- v + r_t * (g + m * u)``) and sent values divided by ``r_t``; None: the
     paper's ``r_t = 1``. ``buckets`` (per step, each bucket's parameter names): selection
     "bucket", the sum of the parameters' k taken at once from their concatenated residuals (in
-    bucket order); None: k per parameter.
+    bucket order); None: k per parameter. ``lr_density_gain``: after the warm-up the density
+    is ``density * 2^(round(4 * log2(clamp(gain * r_t, 0.1, 1 / density))) / 4)``, at most 1.
     """
     world, steps = len(grads), len(grads[0])
     u = [dict() for _ in range(world)]
@@ -60,6 +62,10 @@ def reference_dgc(
         d = 1.0 if t < start_iter else density
         if start_iter <= t < start_iter + warmup_steps:
             d = max(density, 0.25 ** ((t - start_iter) * 4 // warmup_steps + 1))
+        elif t >= start_iter + warmup_steps and lr_density_gain is not None:
+            assert rates is not None  # the density follows r_t
+            x = min(1 / density, max(0.1, lr_density_gain * rates[t]))
+            d = min(1.0, density * 2 ** (round(4 * math.log2(x)) / 4))
         compressed = []  # this step's compressed parameters, momentum-corrected
         for name, shape in shapes.items():
             n = math.prod(shape)

@@ -30,6 +30,11 @@ VARIANTS = {
                            "selection": "bucket"},
     "lr_weighted_bucket_nesterov": {"mode": "lr_weighted", "momentum": 0.9, "nesterov": True,
                                     "selection": "bucket"},
+    # after the warm-up the density follows r_t (gain 3: k of 35%, 140% and 15% of density's)
+    "lr_density": {"mode": "lr_weighted", "momentum": 0.9, "nesterov": False,
+                   "lr_density_gain": 3.0},
+    "lr_density_bucket": {"mode": "lr_weighted", "momentum": 0.9, "nesterov": False,
+                          "selection": "bucket", "lr_density_gain": 3.0},
 }  # fmt: skip
 COMMON = {
     "density": 0.05,
@@ -92,6 +97,7 @@ def test_hook_agrees_with_single_process_recomputation(recorded, variant):
         buckets=recorded[0]["runs"][variant]["buckets"]
         if cfg.get("selection") == "bucket"
         else None,
+        lr_density_gain=cfg.get("lr_density_gain"),
     )
     for rank, r in enumerate(recorded):
         for step, out in enumerate(r["runs"][variant]["outs"]):
@@ -111,6 +117,19 @@ def test_masking_changes_the_result(recorded):
     b = recorded[0]["runs"]["no_masking"]["outs"][-1]["0.weight"]
     c = recorded[0]["runs"]["nesterov"]["outs"][-1]["0.weight"]
     assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_lr_density_changes_k_only_after_the_warmup(recorded):
+    # same gradients until the warm-up ends (step 6), then fewer or more entries sent
+    plain = recorded[0]["runs"]["lr_weighted"]["outs"]
+    follows = recorded[0]["runs"]["lr_density"]["outs"]
+    for step in range(STEPS):
+        same = torch.equal(plain[step]["0.weight"], follows[step]["0.weight"])
+        assert same == (step < COMMON["start_iter"] + COMMON["warmup_steps"]), step
+        if step >= 6:  # k of 35% / 140% / 15% of the constant density's
+            n_plain = int((plain[step]["0.weight"] != 0).sum())
+            n_follows = int((follows[step]["0.weight"] != 0).sum())
+            assert (n_follows > n_plain) == (step == 7), (step, n_plain, n_follows)
 
 
 def _conservation(rank: int, world: int) -> dict:

@@ -82,13 +82,16 @@ def test_flush_applies_every_ranks_residual_at_its_learning_rate(local_size):
 def _refusals(rank: int, world: int) -> dict:
     _, paper = _trained("paper")
     _, blind = _trained("lr_weighted", source=False)
-    return {"paper": outcome(paper.flush), "blind": outcome(blind.flush)}
+    follow = outcome(lambda: _trained("lr_weighted", source=False, lr_density_gain=2.0))
+    return {"paper": outcome(paper.flush), "blind": outcome(blind.flush), "follow": follow}
 
 
 def test_flush_is_refused_where_the_residual_has_no_learning_rate():
     for r in run_ranks(_refusals, 2):
         assert "mode='lr_weighted'" in r["paper"], r
         assert "set_lr_source(optimizer)" in r["blind"], r
+        # a density to follow the rate, without the rate: every rank stops at the same step
+        assert "lr_density_gain needs the learning rates" in r["follow"], r
 
 
 def _weights(rank: int, world: int, runs: list) -> dict:

@@ -215,3 +215,28 @@ def test_the_job_flushes_the_residuals_after_the_last_step_in_lr_weighted_mode(t
     }
     # the evaluation before the flush is logged too: what the flush changed shows
     assert kinds["auto"].count("pre_flush") == 1 and "pre_flush" not in kinds["off"]
+
+
+def test_the_density_follows_the_schedule_at_the_constant_densitys_bytes(tmp_path):
+    args = ["--run.max_steps=40", "--comm.warmup_epochs=0", "--comm.warmup_steps=10",
+            "--comm.density=0.01", "--logging.every_steps=1", "--comm.flush=false"]  # fmt: skip
+    sent, density = {}, {}
+    for name in ("constant", "lr", "auto"):
+        extra = [f"--run.name={name}", f"--comm.density_schedule={name}"]
+        run_ranks(_train, 2, str(tmp_path), [*args, *extra])
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
+        density[name] = [x["density"] for x in lines if x["kind"] == "train"]
+        sent[name] = lines[-1]["bytes_sent_total"]
+    warm = [0.25] * 3 + [0.0625] * 2 + [0.015625] * 3 + [0.01] * 2  # DGC.md, 10 steps
+    assert density["constant"] == warm + [0.01] * 30
+    # lr: the same warm-up, then from over twice the density down to under half of it (cosine)
+    lr = density["lr"]
+    assert lr[:10] == warm and lr[10] >= 0.02 and lr[-1] < 0.005
+    assert lr[10:] == sorted(lr[10:], reverse=True)
+    # auto (budget): no separate warm-up, the warm-up's pairs spread along the cosine
+    budget = density["auto"]
+    assert budget == sorted(budget, reverse=True) and budget[0] < 0.25
+    assert sum(budget[10:]) > 2 * sum(lr[10:])
+    # ... and about the same pairs over the run (k rounds up per tensor; 1-D ones go dense)
+    for name in ("lr", "auto"):
+        assert 0.9 * sent["constant"] <= sent[name] <= 1.05 * sent["constant"], (name, sent)

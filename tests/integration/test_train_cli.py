@@ -30,11 +30,9 @@ def test_each_hook_trains_digits_under_torchrun(tmp_path, hook):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = read_metrics(tmp_path / "r")
     train = [x for x in lines if x["kind"] == "train"]
-    # DGC's default (lr_weighted: momentum not masked) learns more slowly in these first 100
-    # steps at a constant rate: measured 0.75x the first loss (the paper's mode: 0.40x), see
-    # docs/benchmarks.md; the other hooks reach < 0.7x
-    drop = 0.8 if hook == "dgc" else 0.7
-    assert train[-1]["loss"] < drop * train[0]["loss"], [x["loss"] for x in train]
+    # every hook reaches < 0.7x its first loss (DGC's default measured 0.05x, its constant
+    # density schedule 0.76x, the paper's mode 0.43x: docs/benchmarks.md)
+    assert train[-1]["loss"] < 0.7 * train[0]["loss"], [x["loss"] for x in train]
     summary = lines[-1]
     assert summary["kind"] == "summary" and summary["world_size"] == 2
     assert summary["test_accuracy"] > 50.0

@@ -39,6 +39,47 @@ def test_num_selected():
     assert sparsify.num_selected(25_000_000, 0.001) == 25_000
 
 
+def test_lr_density_steps_in_quarter_octaves_between_a_tenth_and_all():
+    assert sparsify.lr_density(0.001, 1.0, 1.0) == 0.001
+    assert sparsify.lr_density(0.001, 0.5, 2.0) == 0.001
+    assert sparsify.lr_density(0.001, 1.0, 2.0) == pytest.approx(0.002)
+    assert sparsify.lr_density(0.001, 1.0, 2.2) == pytest.approx(0.001 * 2**1.25)  # 2.38
+    assert sparsify.lr_density(0.001, 0.0, 2.0) == pytest.approx(0.001 * 2**-3.25)  # >= 1/10
+    assert sparsify.lr_density(0.001, 1e-9, 2.0) == sparsify.lr_density(0.001, 0.0, 2.0)
+    assert sparsify.lr_density(0.5, 1.0, 9.0) == 1.0  # never above 1
+
+
+def test_lr_density_gain_keeps_the_mean_density():
+    cosine = [0.5 * (1 + math.cos(math.pi * t / 3000)) for t in range(300, 3000)]
+    gain = sparsify.lr_density_gain(cosine, 0.001)
+    mean = sum(sparsify.lr_density(0.001, r, gain) for r in cosine) / len(cosine)
+    assert 0.98 * 0.001 <= mean <= 0.001
+    assert 2.0 < gain < 2.5  # higher early, lower late
+    assert sparsify.lr_density(0.001, cosine[0], gain) > 0.002
+    assert sparsify.lr_density(0.001, cosine[-1], gain) < 0.0002
+    # a constant rate keeps the constant density; no rate at all leaves the gain at 1
+    flat = sparsify.lr_density_gain([0.3] * 50, 0.001)
+    assert sparsify.lr_density(0.001, 0.3, flat) == 0.001
+    assert sparsify.lr_density_gain([0.0] * 5, 0.001) == 1.0
+    assert sparsify.lr_density_gain([], 0.001) == 1.0
+    # a step schedule: 10x lower for the last half -> higher before, lower after
+    steps = [1.0] * 100 + [0.1] * 100
+    g = sparsify.lr_density_gain(steps, 0.01)
+    assert sparsify.lr_density(0.01, 1.0, g) > 0.015 > 0.005 > sparsify.lr_density(0.01, 0.1, g)
+
+
+def test_budget_density_is_the_mean_of_dgc_mds_schedule():
+    # 3,000 steps, 300 of warm-up in 4 stages of 75: 75 * (1/4 + 1/16 + 1/64 + 1/256) + 2,700 * d
+    mean = 75 * (0.25 + 0.0625 + 0.015625 + 0.00390625) + 2700 * 0.001
+    got = sparsify.budget_density(0.001, total_steps=3000, warmup_steps=300)
+    assert got == pytest.approx(mean / 3000)  # 0.0092: over 9x the density
+    assert sparsify.budget_density(0.001, total_steps=3000) == pytest.approx(0.001)
+    # steps before start_iter are dense in every schedule: not part of the budget
+    late = sparsify.budget_density(0.001, total_steps=3100, start_iter=100, warmup_steps=300)
+    assert late == pytest.approx(got)
+    assert sparsify.budget_density(0.01, total_steps=5, start_iter=9) == 0.01
+
+
 def test_clip_coefficient_scales_to_c_over_sqrt_n():
     g = torch.full((100,), 1.0)  # norm 10
     coef = sparsify.clip_coefficient(g, clip_norm=4.0, world_size=4)  # limit 2

@@ -20,6 +20,7 @@ BAD = [
     ("warmup_stages", 0, r"warmup_stages must be an integer >= 1"),
     ("min_compress_numel", 0, r"min_compress_numel must be an integer >= 1"),
     ("value_dtype", torch.int8, r"value_dtype must be one of"),
+    ("lr_density_gain", 0.0, r"lr_density_gain must be in > 0"),
 ]
 
 
@@ -27,6 +28,11 @@ BAD = [
 def test_out_of_range_arguments_name_argument_and_range(name, value, message):
     with pytest.raises(ValueError, match=message):
         DGCState(**{name: value})
+
+
+def test_lr_density_needs_lr_weighted_mode():
+    with pytest.raises(ValueError, match="lr_density_gain needs mode='lr_weighted'"):
+        DGCState(mode="paper", lr_density_gain=2.0)
 
 
 def test_nesterov_needs_momentum():
