@@ -1,13 +1,14 @@
 """Optimizers and learning-rate schedules, built from an :class:`~dtrain.config.OptimConfig`."""
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dtrain.config import OptimConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "schedule"]
 
 
 def _param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
@@ -46,6 +47,13 @@ def lr_factor(cfg: OptimConfig, step: int, *, total_steps: int, warmup_steps: in
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
 
 
+def schedule(cfg: OptimConfig, *, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The run's learning-rate multiplier as a function of the optimizer step (warm-up given
+    in epochs): what :func:`build_scheduler` applies, for planning ahead (DGC's density)."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return lambda step: lr_factor(cfg, step, total_steps=total_steps, warmup_steps=warmup)
+
+
 def build_scheduler(
     cfg: OptimConfig,
     optimizer: torch.optim.Optimizer,
@@ -53,9 +61,7 @@ def build_scheduler(
     total_steps: int,
     steps_per_epoch: int,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepping once per optimizer step (warm-up given in epochs)."""
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    """A ``LambdaLR`` stepping once per optimizer step, by :func:`schedule`."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(cfg, step, total_steps=total_steps, warmup_steps=warmup),
+        optimizer, schedule(cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     )

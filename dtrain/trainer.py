@@ -38,7 +38,7 @@ from dtrain.distributed import DistInfo, raise_together
 from dtrain.errors import UserError
 from dtrain.metrics import MetricsLogger, NullLogger, check_wandb, make_logger
 from dtrain.models import build_model
-from dtrain.optim import build_optimizer, build_scheduler, lr_factor
+from dtrain.optim import build_optimizer, build_scheduler, schedule
 
 __all__ = ["Trainer", "check_run_dir", "plan_batches"]
 
@@ -304,41 +304,28 @@ class Trainer:
         return F.cross_entropy(out, y), (out.argmax(1) == y).sum(), y.numel()
 
     def _dgc_density(self, warmup: int) -> tuple[float, int, float | None]:
-        """DGC's ``(density, warmup_steps, lr_density_gain)`` for comm.density_schedule.
-
-        ``constant``: as configured. ``lr``: the warm-up as configured, then a density that
-        follows the learning rate with mean ``comm.density``. ``budget`` (``auto`` in lr_weighted
-        mode with SGD): every pair the configured warm-up and density would send over the run,
-        spent in proportion to the learning rate from ``start_iter`` on, without a separate
-        warm-up (LSTM, 3,000 steps: +2.9% of dense perplexity against +5.5% for ``lr`` and +6.2%
-        for ``constant``, the same bytes; docs/modes.md).
-        """
+        """DGC's ``(density, warmup_steps, lr_density_gain)`` by comm.density_schedule
+        (:func:`~dtrain.comm.sparsify.plan_density`); ``auto``: ``budget`` in lr_weighted mode
+        with SGD (LSTM, 3,000 steps: +2.9% of dense perplexity against +5.5% for ``lr`` and +6.2%
+        for ``constant``, the same pairs; docs/modes.md), else ``constant``."""
         c, o = self.cfg.comm, self.cfg.optim
         how = c.density_schedule
         if how == "auto":
             how = "budget" if c.mode == "lr_weighted" and o.name == "sgd" else "constant"
-        if how == "constant":
-            return c.density, warmup, None
-        density = c.density
-        first = c.start_iter + (warmup if how == "lr" else 0)
-        steps = range(first, self.total_steps)
-        if how == "budget":
-            density = sparsify.budget_density(
-                c.density, total_steps=self.total_steps, start_iter=c.start_iter,
-                warmup_steps=warmup, warmup_stages=c.warmup_stages,
-            )  # fmt: skip
-            warmup = 0
-        lr_warmup = round(o.warmup_epochs * self.steps_per_epoch)
         total = self.total_steps
-        rates = [lr_factor(o, t, total_steps=total, warmup_steps=lr_warmup) for t in steps]
-        gain = sparsify.lr_density_gain(rates, density)
-        if self.info.rank == 0:
+        factor = schedule(o, total_steps=total, steps_per_epoch=self.steps_per_epoch)
+        density, warmup, gain = sparsify.plan_density(
+            how, c.density, factor=factor, total_steps=total, start_iter=c.start_iter,
+            warmup_steps=warmup, warmup_stages=c.warmup_stages,
+        )  # fmt: skip
+        if gain is not None and self.info.rank == 0:
+            first = c.start_iter + warmup
             logger.info(
                 "DGC density follows the learning rate (%s): mean %.5g over steps %d-%d, "
                 "gain %.4g, from %.5g to %.5g",
-                how, density, first, self.total_steps, gain,
-                sparsify.lr_density(density, rates[0], gain) if rates else density,
-                sparsify.lr_density(density, rates[-1], gain) if rates else density,
+                how, density, first, total, gain,
+                sparsify.lr_density(density, factor(first), gain),
+                sparsify.lr_density(density, factor(total - 1), gain),
             )  # fmt: skip
         return density, warmup, gain
 

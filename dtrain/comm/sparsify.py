@@ -6,6 +6,7 @@ together inside the communication hook.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -17,6 +18,7 @@ __all__ = [
     "lr_density_gain",
     "momentum_correction",
     "num_selected",
+    "plan_density",
     "select_exact",
     "select_sampled",
     "select_topk",
@@ -113,6 +115,29 @@ def lr_density_gain(rates: list[float], density: float) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if mean(mid) <= budget else (lo, mid)
     return lo if lo > 0.0 else hi
+
+
+def plan_density(
+    how: str, density: float, *, factor: Callable[[int], float], total_steps: int,
+    start_iter: int = 0, warmup_steps: int = 0, warmup_stages: int = 4,
+) -> tuple[float, int, float | None]:  # fmt: skip
+    """``(density, warmup_steps, lr_density_gain)`` for the DGC hook, by density schedule.
+
+    ``how``: ``"constant"`` (DGC.md: the warm-up, then ``density``), ``"lr"`` (the warm-up, then
+    :func:`lr_density` with mean ``density``) or ``"budget"`` (no separate warm-up: from
+    ``start_iter`` on, :func:`lr_density` with mean :func:`budget_density`, every pair of the
+    ``constant`` schedule). ``factor(t)``: the learning-rate multiplier at step t.
+    """
+    if how == "constant":
+        return density, warmup_steps, None
+    if how == "budget":
+        density = budget_density(
+            density, total_steps=total_steps, start_iter=start_iter,
+            warmup_steps=warmup_steps, warmup_stages=warmup_stages,
+        )  # fmt: skip
+        warmup_steps = 0
+    rates = [factor(t) for t in range(start_iter + warmup_steps, total_steps)]
+    return density, warmup_steps, lr_density_gain(rates, density)
 
 
 def num_selected(numel: int, density: float) -> int:

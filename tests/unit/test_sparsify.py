@@ -80,6 +80,20 @@ def test_budget_density_is_the_mean_of_dgc_mds_schedule():
     assert sparsify.budget_density(0.01, total_steps=5, start_iter=9) == 0.01
 
 
+def test_plan_density_per_schedule():
+    def cosine(t):
+        return 0.5 * (1 + math.cos(math.pi * t / 3000))
+
+    kw = {"factor": cosine, "total_steps": 3000, "warmup_steps": 300}
+    assert sparsify.plan_density("constant", 0.001, **kw) == (0.001, 300, None)
+    d, warm, gain = sparsify.plan_density("lr", 0.001, **kw)
+    assert (d, warm) == (0.001, 300)  # DGC.md's warm-up, then the rate followed
+    assert gain == sparsify.lr_density_gain([cosine(t) for t in range(300, 3000)], 0.001)
+    d, warm, gain = sparsify.plan_density("budget", 0.001, **kw)
+    assert warm == 0 and d == sparsify.budget_density(0.001, total_steps=3000, warmup_steps=300)
+    assert gain == sparsify.lr_density_gain([cosine(t) for t in range(3000)], d)
+
+
 def test_clip_coefficient_scales_to_c_over_sqrt_n():
     g = torch.full((100,), 1.0)  # norm 10
     coef = sparsify.clip_coefficient(g, clip_norm=4.0, world_size=4)  # limit 2
