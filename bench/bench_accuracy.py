@@ -26,45 +26,23 @@ ResNet-20 on CIFAR-10 (needs the local data set)::
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import machine_line, md_table, write_json
-
-REPO = Path(__file__).resolve().parents[1]
+from common import machine_line, md_table, run_job, write_json
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_job(args: argparse.Namespace, variant: str, hook: str, seed: int, extra: list[str]) -> dict:
+def run_one(args: argparse.Namespace, variant: str, hook: str, seed: int, extra: list[str]) -> dict:
     name = f"{Path(args.config).stem}-{variant}-seed{seed}"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dtrain.train",
+    argv = [
         "--config", args.config, f"--run.seed={seed}", f"--comm.hook={hook}",
         f"--run.out_dir={args.out}", f"--run.name={name}", "--logging.progress=false",
         "--checkpoint.resume=", *extra,
     ]  # fmt: skip
-    run_dir = Path(args.out) / name
-    if run_dir.exists():  # a previous benchmark's run: start it again
-        import shutil
-
-        shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ})
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = lines[-1]
+    summary = run_job("dtrain.train", args.nproc, argv, Path(args.out) / name)[-1]
     summary["job_seconds"] = time.perf_counter() - t0
     return summary
 
@@ -105,7 +83,7 @@ def main() -> None:
     for seed in seeds:
         for hook in hooks:
             kind, own = variants[hook]
-            results[hook][seed] = run_job(args, hook, kind, seed, [*args.extra, *own])
+            results[hook][seed] = run_one(args, hook, kind, seed, [*args.extra, *own])
             s = results[hook][seed]
             print(f"seed {seed} {hook}: {json.dumps(s)}", file=sys.stderr, flush=True)
 

@@ -208,6 +208,31 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_job(module: str, nproc: int, argv: Sequence[str], run_dir: Path) -> list[dict]:
+    """``torchrun --nproc_per_node=NPROC -m MODULE ARGV`` on this host, run from the repo root,
+    into ``run_dir`` (removed first if a previous benchmark left it); its ``metrics.jsonl``
+    lines. Exits with the job's stderr if it fails."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={port}", "-m", module, *argv,
+    ]  # fmt: skip
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env={**os.environ})
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def write_json(path: str | None, obj: Any) -> None:
     if path:
         Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")

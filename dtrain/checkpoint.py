@@ -46,6 +46,8 @@ __all__ = [
     "Checkpointer",
     "atomic_write_text",
     "check_compatible",
+    "find_checkpoint",
+    "load_shared",
     "rng_state",
     "set_rng_state",
 ]
@@ -251,17 +253,7 @@ class Checkpointer:
     # ------------------------------------------------------------------------------- finding
 
     def _complete(self) -> dict[int, Path]:
-        """Step -> directory of every complete checkpoint (``.old``: a replace cut short)."""
-        found: dict[int, Path] = {}
-        if not self.dir.is_dir():
-            return found
-        for d in self.dir.iterdir():
-            m = _STEP_DIR.fullmatch(d.name)
-            if m and (d / COMPLETE).is_file():
-                step = int(m.group(1))
-                if not m.group(2) or step not in found:
-                    found[step] = d
-        return found
+        return _complete_in(self.dir)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (by step number), or None."""
@@ -327,27 +319,7 @@ class Checkpointer:
         return shared["state"], mine["state"]
 
     def _read(self, file: Path, *, rank: int | None) -> dict[str, Any]:
-        try:
-            obj = _load_tensor_file(file)
-        except FileNotFoundError:
-            what = "shared state" if rank is None else f"the file of rank {rank}"
-            raise UserError(
-                f"{file.parent} lacks {file.name} ({what}): the checkpoint is damaged; resume "
-                f"from another one or start a new run"
-            ) from None
-        if not (
-            isinstance(obj, dict)
-            and obj.get("format") == FORMAT
-            and isinstance(obj.get("state"), dict)
-            and obj.get("rank") == rank
-        ):
-            raise UserError(
-                f"{file} is not a dtrain checkpoint file: resume from another checkpoint or "
-                f"start a new run"
-            )
-        if obj.get("version", 0) > VERSION:
-            raise UserError(f"{file} was written by a newer dtrain: upgrade dtrain to load it")
-        return obj
+        return _read_file(file, rank=rank)
 
     # -------------------------------------------------------------------------------- saving
 
@@ -457,6 +429,71 @@ class Checkpointer:
             peer_message=f"checkpoint step {step} failed on another rank (see its message); the "
             f"previous checkpoints in {self.dir} are intact",
         )
+
+
+def _read_file(file: Path, *, rank: int | None) -> dict[str, Any]:
+    try:
+        obj = _load_tensor_file(file)
+    except FileNotFoundError:
+        what = "shared state" if rank is None else f"the file of rank {rank}"
+        raise UserError(
+            f"{file.parent} lacks {file.name} ({what}): the checkpoint is damaged; resume "
+            f"from another one or start a new run"
+        ) from None
+    if not (
+        isinstance(obj, dict)
+        and obj.get("format") == FORMAT
+        and isinstance(obj.get("state"), dict)
+        and obj.get("rank") == rank
+    ):
+        raise UserError(
+            f"{file} is not a dtrain checkpoint file: resume from another checkpoint or "
+            f"start a new run"
+        )
+    if obj.get("version", 0) > VERSION:
+        raise UserError(f"{file} was written by a newer dtrain: upgrade dtrain to load it")
+    return obj
+
+
+def _complete_in(directory: Path) -> dict[int, Path]:
+    """Step -> directory of every complete checkpoint (``.old``: a replace cut short)."""
+    found: dict[int, Path] = {}
+    if not directory.is_dir():
+        return found
+    for d in directory.iterdir():
+        m = _STEP_DIR.fullmatch(d.name)
+        if m and (d / COMPLETE).is_file():
+            step = int(m.group(1))
+            if not m.group(2) or step not in found:
+                found[step] = d
+    return found
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The complete checkpoint at ``path`` (a ``step_XXXXXXXX`` directory), or the newest
+    complete one of the run directory ``path``.
+
+    Raises:
+        UserError: ``path`` is neither, or holds no complete checkpoint.
+    """
+    p = Path(path)
+    if (p / COMPLETE).is_file():
+        return p
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        latest = _complete_in(p / "checkpoints")
+        if latest:
+            return latest[max(latest)]
+    raise UserError(
+        f"{path} is neither a run directory with a complete checkpoint nor a checkpoint "
+        f"directory (run_dir/checkpoints/step_XXXXXXXX)"
+    )
+
+
+def load_shared(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(checkpoint directory, shared state)`` of :func:`find_checkpoint`'s checkpoint: the
+    model, optimizer, step, config, ... (``torch.load(weights_only=True)``)."""
+    ckpt = find_checkpoint(path)
+    return ckpt, _read_file(ckpt / SHARED, rank=None)["state"]
 
 
 def _step_of(path: Path) -> int:

@@ -430,10 +430,12 @@ class JobConfig:
 
 # ---------------------------------------------------------------------------------- loading
 
+C = typing.TypeVar("C", bound=JobConfig)
 
-def _sections() -> dict[str, type]:
+
+def _sections(cls: type[JobConfig] = JobConfig) -> dict[str, type]:
     # f.type is the section's class: this module has no `from __future__ import annotations`.
-    return {f.name: typing.cast(type, f.type) for f in dataclasses.fields(JobConfig)}
+    return {f.name: typing.cast(type, f.type) for f in dataclasses.fields(cls)}
 
 
 def _closest(name: str, valid: list[str]) -> str:
@@ -494,32 +496,38 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     raise UserError(f"{key} must be {name}, got {value!r}")
 
 
-def from_dict(data: dict[str, Any], *, source: str = "config") -> JobConfig:
-    """Build a :class:`JobConfig` from nested plain values, checking names and types."""
-    sections = _sections()
+def from_dict(
+    data: dict[str, Any],
+    *,
+    source: str = "config",
+    cls: type[C] = JobConfig,  # type: ignore[assignment]
+) -> C:
+    """Build a :class:`JobConfig` (or the job config ``cls``, a subclass with more sections)
+    from nested plain values, checking names and types."""
+    sections = _sections(cls)
     built = {}
     for sec, values in data.items():
         if sec not in sections:
             raise UserError(f"{source}: unknown section [{sec}]{_closest(sec, list(sections))}")
         if not isinstance(values, dict):
             raise UserError(f"{source}: [{sec}] must be a table of key = value")
-        cls = sections[sec]
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
+        section = sections[sec]
+        hints = typing.get_type_hints(section)
+        names = [f.name for f in dataclasses.fields(section)]
         kwargs = {}
         for key, value in values.items():
             if key not in names:
                 hint = _closest(f"{sec}.{key}", [f"{sec}.{n}" for n in names])
                 raise UserError(f"{source}: unknown key {sec}.{key}{hint}")
             kwargs[key] = _convert(f"{sec}.{key}", value, hints[key])
-        built[sec] = cls(**kwargs)
-    return JobConfig(**built)
+        built[sec] = section(**kwargs)
+    return cls(**built)
 
 
-def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
+def parse_overrides(args: list[str], cls: type[JobConfig] = JobConfig) -> dict[str, dict[str, str]]:
     """``["--optim.lr=0.1", "--comm.hook", "dgc"]`` -> ``{"optim": {"lr": "0.1"}, ...}``."""
     out: dict[str, dict[str, str]] = {}
-    valid = [f"{s}.{f.name}" for s, c in _sections().items() for f in dataclasses.fields(c)]
+    valid = [f"{s}.{f.name}" for s, c in _sections(cls).items() for f in dataclasses.fields(c)]
     it = iter(args)
     for arg in it:
         if not arg.startswith("--") or "." not in arg:
@@ -537,8 +545,13 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
-    """The config of a TOML file (or the defaults) with ``--section.key=value`` overrides."""
+def load_config(
+    path: str | None,
+    overrides: list[str] | None = None,
+    cls: type[C] = JobConfig,  # type: ignore[assignment]
+) -> C:
+    """The config of a TOML file (or the defaults) with ``--section.key=value`` overrides;
+    ``cls``: the job's config class (a :class:`JobConfig` with more sections)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path:
@@ -552,11 +565,11 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
             raise UserError(f"config file {path} is a directory; pass a .toml file") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
-    for sec, values in parse_overrides(overrides or []).items():
+    for sec, values in parse_overrides(overrides or [], cls).items():
         if not isinstance(data.get(sec, {}), dict):
             raise UserError(f"{source}: [{sec}] must be a table of key = value")
         data.setdefault(sec, {}).update(values)
-    return from_dict(data, source=source)
+    return from_dict(data, source=source, cls=cls)
 
 
 # ---------------------------------------------------------------------------------- writing

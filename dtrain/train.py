@@ -29,6 +29,9 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,25 +49,40 @@ from dtrain.metrics import format_summary
 from dtrain.trainer import Trainer
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(
-        prog="dtrain.train", description=__doc__.splitlines()[0], allow_abbrev=False
-    )
+@dataclass(frozen=True)
+class Job:
+    """What differs between the jobs that share this entry point's life cycle (parse, check,
+    init, train, report, exit code): their name, config class, trainer and final report."""
+
+    prog: str
+    description: str
+    config: type[JobConfig] = JobConfig
+    trainer: Callable[..., Trainer] = Trainer
+    """``trainer(cfg, info, check_only=...)``: a :class:`Trainer` with the job's extensions."""
+    finish: Callable[[Trainer, dict[str, Any]], None] | None = None
+    """Called on every rank after training with the summary (e.g. to write a report)."""
+
+
+TRAIN = Job("dtrain.train", __doc__.splitlines()[0])
+
+
+def parse_args(argv: list[str] | None, job: Job = TRAIN) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog=job.prog, description=job.description, allow_abbrev=False)
     p.add_argument("--config", help="TOML config file (default: built-in defaults)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--check", action="store_true", help="validate the input, then exit")
     return p.parse_known_args(argv)
 
 
-def load(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
-    args, overrides = parse_args(argv)
-    cfg = load_config(args.config, overrides)
+def load(argv: list[str] | None, job: Job = TRAIN) -> tuple[JobConfig, argparse.Namespace]:
+    args, overrides = parse_args(argv, job)
+    cfg = load_config(args.config, overrides, job.config)
     if args.resume and not cfg.checkpoint.resume:
         cfg.checkpoint = dataclasses.replace(cfg.checkpoint, resume="auto")
     return cfg, args
 
 
-def check(cfg: JobConfig) -> None:
+def check(cfg: JobConfig, job: Job = TRAIN) -> None:
     """Everything :class:`Trainer` checks, without a process group (for launchers)."""
     env = dict(os.environ)
     if "WORLD_SIZE" in env:  # a launcher checking for the world it is about to start
@@ -72,29 +90,31 @@ def check(cfg: JobConfig) -> None:
     world = int(launch_env(env)["world_size"])
     device = torch.device("cuda" if uses_cuda(cfg.run.device) else "cpu")
     info = DistInfo(0, world, 0, 1, device, "none", "check")
-    Trainer(cfg, info, check_only=True)
-    print(f"dtrain.train: ok: {cfg.run_dir} for {info.world_size} process(es)")
+    job.trainer(cfg, info, check_only=True)
+    print(f"{job.prog}: ok: {cfg.run_dir} for {info.world_size} process(es)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, job: Job = TRAIN) -> int:
     rank = 0
     trainer = None
     try:
         rank = int(launch_env()["rank"])
         setup_logging(rank)
-        cfg, args = load(argv)
+        cfg, args = load(argv, job)
         if args.check:
-            check(cfg)
+            check(cfg, job)
             return 0
         info = init_distributed(device=cfg.run.device, threads=cfg.run.threads)
-        trainer = Trainer(cfg, info)
+        trainer = job.trainer(cfg, info)
         summary = trainer.train()
+        if job.finish is not None:
+            job.finish(trainer, summary)
         if info.is_main:
             print(format_summary(summary), flush=True)
         return 0
     except UserError as e:
         if should_print(e, rank):  # one line per failure across the job
-            print(f"dtrain.train: error: {e}", file=sys.stderr, flush=True)
+            print(f"{job.prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     finally:
         if trainer is not None:
@@ -103,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         destroy_distributed()
 
 
-if __name__ == "__main__":
-    code = main()
-    # All work, collectives included, is done. Leaving without interpreter teardown avoids the
-    # rare gloo abort at exit ("terminate called without an active exception") that would fail
-    # torchrun after a successful run.
+def exit_now(code: int) -> None:
+    """Leave with ``code`` once all work, collectives included, is done, without interpreter
+    teardown: that avoids the rare gloo abort at exit ("terminate called without an active
+    exception") that would fail torchrun after a successful run."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())

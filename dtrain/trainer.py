@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,14 @@ from dtrain.checkpoint import (
 from dtrain.comm import make_hook, register_dgc, sparsify
 from dtrain.comm.counting import counted
 from dtrain.config import CommConfig, JobConfig, to_dict, to_toml
-from dtrain.data import ShardedLoader, load_data
+from dtrain.data import DataInfo, ShardedLoader, load_data
 from dtrain.distributed import DistInfo, raise_together
 from dtrain.errors import UserError
 from dtrain.metrics import MetricsLogger, NullLogger, check_wandb, make_logger
 from dtrain.models import build_model
 from dtrain.optim import build_optimizer, build_scheduler, schedule
 
-__all__ = ["Trainer", "check_run_dir", "plan_batches"]
+__all__ = ["Extension", "ModelSource", "Trainer", "check_run_dir", "plan_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,39 @@ def check_run_dir(run_dir: Path) -> None:
         raise UserError(f"run directory {run_dir}: {probe} is not writable; set run.out_dir")
 
 
+ModelSource = Callable[[JobConfig, DataInfo], nn.Module]
+"""Builds the job's model (on the CPU, before DDP), e.g. from another run's checkpoint; may raise
+:class:`~dtrain.errors.UserError`. Default: :func:`dtrain.models.build_model`."""
+
+
+class Extension:
+    """A job's hooks into the shared loop (every method optional; all ranks call them alike).
+
+    ``name`` keys the extension's :meth:`state_dict` in the checkpoint's shared state (rank 0's),
+    which :meth:`load_state_dict` gets back on resume, before :meth:`on_start`.
+    """
+
+    name = "extension"
+
+    def check(self, trainer: "Trainer", model: nn.Module) -> None:
+        """Validate the job's own input against the model and the run (``trainer.total_steps``,
+        ``trainer.data``); raise :class:`~dtrain.errors.UserError`. Runs before anything is
+        written, also under ``--check``."""
+
+    def on_start(self, trainer: "Trainer") -> None:
+        """Once the model, DDP, optimizer and hook are built (and the checkpoint loaded)."""
+
+    def after_step(self, trainer: "Trainer") -> None:
+        """After each optimizer step; ``trainer.step`` counts the steps taken."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values saved with every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The :meth:`state_dict` of the checkpoint resumed from."""
+
+
 class Trainer:
     """Builds every component of a training job and runs its loop.
 
@@ -79,10 +113,22 @@ class Trainer:
         info: this process's place in the job (from :func:`dtrain.distributed.init_distributed`).
         check_only: validate everything (config, data, batch split, run directory, checkpoint to
             resume) without building the process-group-dependent parts, then stop.
+        model_source: builds the model (default: from ``cfg.model``, freshly initialised).
+        extensions: the job's :class:`Extension` objects, called in order.
     """
 
-    def __init__(self, cfg: JobConfig, info: DistInfo, *, check_only: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        info: DistInfo,
+        *,
+        check_only: bool = False,
+        model_source: ModelSource | None = None,
+        extensions: Sequence[Extension] = (),
+    ) -> None:
         self.cfg, self.info = cfg, info
+        self.model_source = model_source or (lambda c, d: build_model(c.model, d))
+        self.extensions = list(extensions)
         # Some checks can fail on one rank alone (its data path, its checkpoint file): every rank
         # learns of it here, so none is left waiting for a peer in DDP's first collective.
         error = None
@@ -142,7 +188,7 @@ class Trainer:
 
         # ---- model ----
         torch.manual_seed(run.seed)
-        model = build_model(cfg.model, dinfo)
+        model = self.model_source(cfg, dinfo)
 
         # ---- checkpoint to resume from ----
         self.checkpointer = Checkpointer(
@@ -158,6 +204,8 @@ class Trainer:
             check_wandb(cfg.logging)
         if cfg.comm.hierarchical:
             info.hierarchical_local_size()  # equal, consecutive ranks per node, or one line
+        for e in self.extensions:
+            e.check(self, model)
         return model
 
     def _build(self, model: nn.Module) -> None:
@@ -206,6 +254,8 @@ class Trainer:
         else:
             torch.manual_seed(run.seed * 1000 + info.rank)  # dropout differs by rank
         self.resumed = None  # the checkpoint's tensors are not needed any more
+        for e in self.extensions:
+            e.on_start(self)
 
     # ------------------------------------------------------------------ set-up helpers
     def _register_hook(self, c: CommConfig) -> Any:
@@ -279,6 +329,14 @@ class Trainer:
             ) from None
         set_rng_state(mine["rng"])
         self.step = int(shared["step"])
+        saved = shared.get("extensions", {})
+        for ext in self.extensions:
+            if ext.name not in saved:
+                raise UserError(
+                    f"{self.resume_path} holds no {ext.name} state: it was written by another "
+                    f"job; resume it with that job, or start a new run"
+                )
+            ext.load_state_dict(saved[ext.name])
         logger.info("resumed from %s at step %d", self.resume_path, self.step)
 
     def _checkpoint(self) -> None:
@@ -292,6 +350,7 @@ class Trainer:
             "batch_in_epoch": (self.step % self.steps_per_epoch) * self.cfg.run.grad_accum,
             "config": to_dict(self.cfg),
             "world_size": self.info.world_size,
+            "extensions": {e.name: e.state_dict() for e in self.extensions},
         }
         mine = {"hook": self.hook_state.state_dict(), "rng": rng_state()}
         self.checkpointer.save(self.step, shared, mine)
@@ -474,6 +533,8 @@ class Trainer:
                         break
                     self._train_step(batches, window)
                     self.step += 1
+                    for e in self.extensions:
+                        e.after_step(self)
                     window_steps += 1
                     last = self.step == self.total_steps
                     if last and self._flush_at_end():

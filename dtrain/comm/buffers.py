@@ -90,6 +90,18 @@ class _BucketResidual:
             pos += n
 
 
+class _Mask:
+    """A pruning mask of one parameter, flat in the gradient's memory order: ``keep`` (0/1 in
+    the gradient's dtype, to multiply), ``kept`` (the kept positions, int64) and their count."""
+
+    __slots__ = ("count", "keep", "kept")
+
+    def __init__(self, keep: torch.Tensor, dtype: torch.dtype) -> None:
+        self.kept = torch.nonzero(keep).view(-1)
+        self.count = int(self.kept.numel())
+        self.keep = keep.to(dtype)
+
+
 def flat_view(p: torch.Tensor) -> torch.Tensor:
     """``p`` (its data) as one flat tensor in memory order, the order of its gradient in DDP's
     buckets (a view, so writing it writes ``p``)."""

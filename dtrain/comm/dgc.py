@@ -78,21 +78,28 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     dense_items: list[tuple[torch.Tensor, int, int]] = []  # (param, offset, numel)
     comp_items: list[tuple[torch.Tensor, int, int, int]] = []  # (param, offset, numel, k)
     rates: list[float] = []  # r_t of each compressed parameter (lr_weighted; paper: 1)
+    masks = state._masks  # pruning masks: only kept coordinates are selected and sent
+    sizes: dict[torch.Tensor, int] = {}  # the entries a parameter can send (kept or all)
     off = 0
     for p in params:
         n = p.numel()
+        mask = masks.get(p)
+        sizes[p] = mask.count if mask is not None else n
         if dense_phase or p.dim() <= 1 or n < state.min_compress_numel:
             dense_items.append((p, off, n))
         else:
             r = state._rate(p, state._param_state(p))
             d = state._density_for(step, r)
-            comp_items.append((p, off, n, sparsify.num_selected(n, d)))
+            k = sparsify.num_selected(sizes[p], d)
+            comp_items.append((p, off, n, k))
             rates.append(r)
             state._cur.density = d  # the step's figure: the last compressed parameter's
+            state._cur.pairs += k
+            state._cur.pairs_unmasked += sparsify.num_selected(n, d) if mask is not None else k
         off += n
     if off != buf.numel():
         raise RuntimeError(f"DGC: bucket holds {buf.numel()} elements, its parameters {off}")
-    dense_numel = sum(n for _, _, n in dense_items)
+    dense_numel = sum(sizes[p] for p, _, _ in dense_items)
 
     sent_bytes = 0
     gathered: torch.Tensor | None = None  # sparse path: every rank's payload
@@ -105,8 +112,9 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     if comp_items:
         ks = [k for *_, k in comp_items]
         total_k = sum(ks)
-        comp_numel = off - dense_numel
-        layout = tuple(sorted((n, k) for _, _, n, k in comp_items))  # DDP may reorder a bucket
+        comp_numel = sum(n for _, _, n, _ in comp_items)
+        comp_sent = sum(sizes[p] for p, _, _, _ in comp_items)  # dense path: its entries
+        layout = tuple(sorted((sizes[p], k) for p, _, _, k in comp_items))  # DDP may reorder
         sparse = state._exchange_for(layout, world, rank, bucket.index()) == "sparse"
         # Whole-bucket check (one read pass) before clipping; the flag travels with the data.
         nonfinite = ~torch.isfinite(buf.sum(dtype=torch.float32))
@@ -119,7 +127,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             p_val = payload[total_k + _FLAG_WORDS :].view(vdt)[:total_k]
             payload[total_k] = nonfinite.to(torch.int32)
         else:
-            reduced = torch.zeros(comp_numel + dense_numel + 1, dtype=vdt, device=buf.device)
+            reduced = torch.zeros(comp_sent + dense_numel + 1, dtype=vdt, device=buf.device)
             reduced[-1] = nonfinite.to(vdt)  # summed over ranks: > 0 iff some rank saw one
         clip = state.clip_norm
         if clip is not None and state._scale is not None:
@@ -137,6 +145,9 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             v = st.v
             v_next = whole[pos : pos + n] if whole is not None else st.v_next
             assert v is not None and v_next is not None  # made by ensure(residual=True)
+            mask = masks.get(p)
+            if mask is not None:
+                g.mul_(mask.keep)  # nothing enters u or v where the weight is pruned
             if clip is not None:
                 g.mul_(sparsify.clip_coefficient(g, clip, world))
             sparsify.momentum_correction(
@@ -148,9 +159,11 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                 pos += n
                 continue
             seed = step * 1_000_003 + state._order[p] * 7_919 + rank * 104_729
-            idx = sparsify.select_topk(
-                v_next, k, exact=state.exact_topk, sample_ratio=state.sample_ratio, start=seed
+            cand = v_next if mask is None else v_next[mask.kept]  # masked: the kept only
+            sel = sparsify.select_topk(
+                cand, k, exact=state.exact_topk, sample_ratio=state.sample_ratio, start=seed
             )
+            idx = sel if mask is None else mask.kept[sel]
             # sent in v's units, bounded by what v accumulated (a late r_t ~ 1e-7 of a cosine
             # would overflow fp16 in gradient units); every receiver divides by r_t
             vals = v_next[idx].div_(world)
@@ -162,9 +175,9 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                     p_idx[pos + c : pos + k] = idx[0] if c else 0
                 pos += k
             else:
-                assert reduced is not None  # the dense path's buffer
-                reduced[pos : pos + n].index_put_((idx,), vals.to(vdt))
-                pos += n
+                assert reduced is not None  # the dense path's buffer (kept entries only)
+                reduced[pos : pos + sizes[p]].index_put_((sel,), vals.to(vdt))
+                pos += sizes[p]
             # at rate 0 the output is 0 (in finish): nothing was applied, nothing leaves v
             commits.append(_Pending(st, idx if r else None, swap_u=m > 0, swap_v=True))
         if whole is not None:
@@ -197,21 +210,23 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             # The dense parameters ride in the same allreduce: one collective for the bucket.
             assert reduced is not None  # the dense path's buffer
             if dense_items:
-                dense_buf = reduced[comp_numel:-1]
+                dense_buf = reduced[comp_sent:-1]
                 pos = 0
-                for _, o, n in dense_items:
-                    dense_buf[pos : pos + n].copy_(buf[o : o + n] / world)
-                    pos += n
+                for p, o, n in dense_items:
+                    dense_buf[pos : pos + sizes[p]].copy_(_sent(buf[o : o + n], masks.get(p)))
+                    dense_buf[pos : pos + sizes[p]].div_(world)
+                    pos += sizes[p]
             futures.append(
                 dist.all_reduce(reduced, group=state.process_group, async_op=True).get_future()
             )
             sent_bytes += reduced.numel() * reduced.element_size()
 
     if dense_items and reduced is None:
-        if not comp_items and vdt == buf.dtype:
+        if not comp_items and vdt == buf.dtype and dense_numel == off:
             dense_buf = buf.div_(world)  # the whole bucket: reduce in place, like allreduce_hook
         else:
-            dense_buf = torch.cat([buf[o : o + n] for _, o, n in dense_items]).div_(world)
+            sent = [_sent(buf[o : o + n], masks.get(p)) for p, o, n in dense_items]
+            dense_buf = torch.cat(sent).div_(world)
             dense_buf = dense_buf.to(vdt)
         futures.append(
             dist.all_reduce(dense_buf, group=state.process_group, async_op=True).get_future()
@@ -279,18 +294,27 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                 _divide_sent(buf, idx, rates, ks, which)
         elif reduced is not None:
             pos = 0
-            for (_, o, n, _), r in zip(comp_items, rates, strict=True):
-                if r == 1.0:
-                    buf[o : o + n].copy_(reduced[pos : pos + n])
-                else:  # from v's units to the step's gradient
-                    torch.mul(reduced[pos : pos + n], 1.0 / r if r else 0.0, out=buf[o : o + n])
-                pos += n
+            for (p, o, n, _), r in zip(comp_items, rates, strict=True):
+                got = reduced[pos : pos + sizes[p]]
+                pos += sizes[p]
+                mask = masks.get(p)
+                out = buf[o : o + n]
+                if mask is not None:  # the kept entries' sums, zero elsewhere
+                    out.zero_().index_copy_(0, mask.kept, got.to(buf.dtype))
+                    got = out
+                if r != 1.0:  # from v's units to the step's gradient
+                    torch.mul(got, 1.0 / r if r else 0.0, out=out)
+                elif got is not out:
+                    out.copy_(got)
         if dense_buf is not None:
             pos = 0
             pend = []
             for p, o, n in dense_items:
-                gbar = dense_buf[pos : pos + n].to(buf.dtype)
-                pos += n
+                gbar = dense_buf[pos : pos + sizes[p]].to(buf.dtype)
+                pos += sizes[p]
+                mask = masks.get(p)
+                if mask is not None:  # the kept entries' averages, zero elsewhere
+                    gbar = buf.new_zeros(n).index_copy_(0, mask.kept, gbar)
                 if m == 0:
                     buf[o : o + n].copy_(gbar)
                     continue
@@ -310,6 +334,11 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
 
     fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
     return fut.then(finish)
+
+
+def _sent(g: torch.Tensor, mask: Any) -> torch.Tensor:
+    """What a dense parameter sends: its gradient, or only its kept entries under a mask."""
+    return g if mask is None else g.index_select(0, mask.kept)
 
 
 def _positions_to_offsets(
@@ -371,6 +400,10 @@ def _add_decay(
             nesterov=state.nesterov,
             d_out=st.d_next,
         )
+        mask = state._masks.get(p)
+        if mask is not None:  # pruned weights are zero; keep d zero where they are not yet
+            st.d_next.mul_(mask.keep)
+            term.mul_(mask.keep)
         buf[o : o + n].add_(term)
         pend.append(_Pending(st, None, swap_d=True))
     with state._lock:

@@ -15,7 +15,14 @@ import torch
 import torch.distributed as dist
 
 from dtrain.comm import costmodel, sparsify
-from dtrain.comm.buffers import _BucketResidual, _load_into, _ParamState, _Pending, flat_view
+from dtrain.comm.buffers import (
+    _BucketResidual,
+    _load_into,
+    _Mask,
+    _ParamState,
+    _Pending,
+    flat_view,
+)
 
 __all__ = ["MODES", "DGCState"]
 
@@ -179,6 +186,7 @@ class DGCState:
         self._lock = threading.Lock()  # gloo runs Future callbacks on its own threads
         # "sparse" or "dense" per ((sorted (numel, k) of the compressed parameters), world size)
         self._exchanges: dict[tuple[tuple[tuple[int, int], ...], int], str] = {}
+        self._masks: dict[torch.Tensor, _Mask] = {}  # pruning masks (set_masks)
 
         # ---- statistics ----
         self._cur = _StepStats()
@@ -229,6 +237,28 @@ class DGCState:
         for wd in decays.values():
             _check_range("weight_decay", wd, 0.0, math.inf, ">= 0")
         self._decay = {p: float(wd) for p, wd in decays.items() if wd}
+
+    def set_masks(self, masks: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Pruning masks ``{parameter: bool mask}`` (True: kept), the same on every rank; they
+        replace any given before. A pruned coordinate is never selected or sent, its momentum,
+        residual and decay momentum stay zero (zeroed here), and k is taken over the kept
+        coordinates: a layer at 90% sparsity sends 10x fewer pairs; a masked dense parameter
+        sends only its kept entries. Keep the pruned weights at zero (``MaskSet.apply_`` after
+        each optimizer step)."""
+        if masks and self.selection == "bucket":
+            raise ValueError("DGC: pruning masks need selection='tensor' (k per tensor)")
+        self._finish_step()  # the last step's updates, before they are masked
+        self._masks = {}
+        for p, m in masks.items():
+            if m.shape != p.shape:
+                raise ValueError(f"DGC: a mask of shape {list(m.shape)} for {list(p.shape)}")
+            keep = torch.empty_like(p.detach(), dtype=torch.bool).copy_(m)  # p's memory order
+            mask = self._masks[p] = _Mask(flat_view(keep), p.dtype)
+            st = self._params.get(p)
+            for t in (st.u, st.v, st.d) if st is not None else ():
+                if t is not None:
+                    t.mul_(mask.keep)
+        self._exchanges.clear()  # the bytes of every layout change
 
     def set_lr_source(self, optimizer: torch.optim.Optimizer) -> None:
         """Read each parameter's learning rate from ``optimizer`` (``lr_weighted`` mode).
@@ -471,6 +501,9 @@ class DGCState:
             "bytes_sent_total": total.sent,
             "dense_bytes_total": total.dense,
             "ratio_total": total.dense / total.sent if total.sent else 0.0,
+            # pairs this rank selected, and how many the same density gives without masks
+            "pairs_sent": last.pairs,
+            "pairs_unmasked": last.pairs_unmasked,
             "select_seconds": last.select_s,
             "select_seconds_total": total.select_s,
             # a step found non-finite counts at once, not only when the next step commits
@@ -560,15 +593,18 @@ class DGCState:
 
 
 class _StepStats:
-    __slots__ = ("dense", "density", "select_s", "sent")
+    __slots__ = ("dense", "density", "pairs", "pairs_unmasked", "select_s", "sent")
 
     def __init__(self, sent: int = 0, dense: int = 0) -> None:
         self.sent, self.dense, self.select_s, self.density = sent, dense, 0.0, 1.0
+        self.pairs = self.pairs_unmasked = 0
 
     def add(self, o: "_StepStats") -> None:
         self.sent += o.sent
         self.dense += o.dense
         self.select_s += o.select_s
+        self.pairs += o.pairs
+        self.pairs_unmasked += o.pairs_unmasked
 
 
 def _check_range(

@@ -24,7 +24,9 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, *args: str, timeout: float = 240, module: str = "dtrain.train"
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -33,14 +35,16 @@ def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Complet
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
         "-m",
-        "dtrain.train",
+        module,
         *args,
     ]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
-def single(*args: str, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dtrain.train", *args]
+def single(
+    *args: str, timeout: float = 240, module: str = "dtrain.train", **extra: str
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(
         cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout
     )

@@ -40,7 +40,15 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     return wrapper, log
 
 
-def _run(cluster: SlurmCluster, script: str, sbatch_opts: list[str], tmp_path: Path) -> list[str]:
+def _run(
+    cluster: SlurmCluster,
+    script: str,
+    sbatch_opts: list[str],
+    tmp_path: Path,
+    *,
+    job: str = "dtrain.train",
+    job_args: tuple[str, ...] = (),
+) -> list[str]:
     """Submit ``script`` from the repo root, wait for it, check that it completed on both nodes
     with a world of 2, and return how the scripts started Python: ``"node procid args"``."""
     python, calls = _recording_python(tmp_path)
@@ -55,6 +63,7 @@ def _run(cluster: SlurmCluster, script: str, sbatch_opts: list[str], tmp_path: P
             f"--run.max_steps={STEPS}",
             "--run.threads=1",  # two processes share this host's cores
             "--logging.progress=false",
+            *job_args,
         ),
         cwd=REPO,
         env={
@@ -85,7 +94,7 @@ def _run(cluster: SlurmCluster, script: str, sbatch_opts: list[str], tmp_path: P
 
     started = calls.read_text().splitlines()
     checks = [c for c in started if " --check " in c]
-    assert len(checks) == 1 and "-m dtrain.train" in checks[0], started
+    assert len(checks) == 1 and f"-m {job}" in checks[0], started
     return sorted(c for c in started if " --check " not in c)
 
 
@@ -106,6 +115,31 @@ def test_train_srun_sbatch_one_task_per_process(cluster: SlurmCluster, tmp_path:
     assert [c.split()[:2] for c in started] == [["n1", "0"], ["n2", "1"]], started
     for c in started:
         assert c.split()[2:5] == ["-m", "dtrain.train", "--config"], c
+
+
+def test_prune_sbatch_prunes_a_trained_run_on_two_nodes(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """slurm/prune.sbatch: slurm/train.sbatch running dtrain.prune, from a trained run."""
+    from tests.integration.cli import torchrun
+
+    src = torchrun(
+        1, "--config", "configs/digits.toml", "--run.max_steps=20", "--comm.hook=allreduce",
+        f"--run.out_dir={tmp_path}", "--run.name=src", "--logging.progress=false",
+    )  # fmt: skip
+    assert src.returncode == 0, src.stderr[-2000:]
+    started = _run(
+        cluster,
+        "slurm/prune.sbatch",
+        ["--nodes=2"],
+        tmp_path,
+        job="dtrain.prune",
+        job_args=(f"--prune.source={tmp_path}/src",),
+    )
+    assert [c.split()[0] for c in started] == ["n1", "n2"], started
+    assert all("-m dtrain.prune" in c for c in started), started
+    report = json.loads((tmp_path / "run" / "prune_report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 
 def test_bad_input_fails_before_launch(cluster: SlurmCluster, tmp_path: Path) -> None:

@@ -1,0 +1,121 @@
+"""Pruning the digits CNN with the real jobs: accuracy and DGC's bytes, side by side in one run.
+
+Command (defaults shown)::
+
+    .venv/bin/python bench/bench_prune.py --seeds 0,1,2 --nproc 2 --densities 0.001,0.01,0.1 \\
+        [--out runs/bench_prune] [--json out.json] [--plot docs/img/prune_digits.png]
+
+Per seed: the default training job (``configs/digits.toml``, DGC, 30 epochs) as the source; then
+``dtrain.prune`` with ``configs/prune/digits_global90.toml`` (global magnitude pruning to 90%,
+10 epochs of fine-tuning) with DGC and with allreduce. For seed 0 also the other schedules
+(gradual, iterative) and the layer-wise scope, and DGC's bytes per step at each density with
+the masks (90%) and without them (the same fine-tuning at sparsity 0), read from the last step
+(after the warm-up). Prints Markdown tables; ``--plot`` copies seed 0's
+``accuracy_vs_sparsity.png``.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from common import machine_line, md_table, run_job, write_json
+
+PRUNE_CONFIG = "configs/prune/digits_global90.toml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--densities", default="0.001,0.01,0.1")
+    ap.add_argument("--out", default="runs/bench_prune")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    out = Path(args.out)
+    common = ["--logging.progress=false", f"--run.out_dir={out}", "--checkpoint.resume="]
+    print(machine_line(1), file=sys.stderr)
+
+    def prune(name: str, seed: int, *extra: str) -> dict:
+        argv = [
+            "--config", PRUNE_CONFIG, *common, f"--run.name={name}", f"--run.seed={seed}",
+            f"--prune.source={out}/source-seed{seed}", *extra,
+        ]  # fmt: skip
+        summary = run_job("dtrain.prune", args.nproc, argv, out / name)[-1]
+        report = json.loads((out / name / "prune_report.json").read_text())
+        row = {**report, "summary": summary}
+        print(f"{name}: {json.dumps(summary)}", file=sys.stderr, flush=True)
+        return row
+
+    runs: dict[str, dict] = {}
+    for seed in seeds:
+        src = f"source-seed{seed}"
+        argv = ["--config", "configs/digits.toml", *common, f"--run.name={src}"]
+        run_job("dtrain.train", args.nproc, [*argv, f"--run.seed={seed}"], out / src)
+        for hook in ("dgc", "allreduce"):
+            runs[f"{hook}-seed{seed}"] = prune(f"{hook}-seed{seed}", seed, f"--comm.hook={hook}")
+    s0 = seeds[0]
+    for method in ("gradual", "iterative"):
+        runs[method] = prune(method, s0, f"--prune.method={method}")
+    runs["layer"] = prune("layer", s0, "--prune.scope=layer")
+    densities = [float(d) for d in args.densities.split(",") if d.strip()]
+    for d in densities:
+        for sparsity in (0.9, 0.0):
+            name = f"bytes-d{d}-s{sparsity}"
+            runs[name] = prune(name, s0, f"--comm.density={d}", f"--prune.sparsity={sparsity}")
+
+    # ---- tables
+    def acc(r: dict, key: str) -> float:
+        return r[f"test_accuracy_{key}"]
+
+    rows = []
+    drops = {"dgc": [], "allreduce": []}
+    for seed in seeds:
+        for hook in ("dgc", "allreduce"):
+            r = runs[f"{hook}-seed{seed}"]
+            drop = acc(r, "before") - acc(r, "final")
+            drops[hook].append(drop)
+            rows.append([
+                seed, hook, f"{acc(r, 'before'):.2f}", f"{acc(r, 'pruned'):.2f}",
+                f"{acc(r, 'final'):.2f}", f"{drop:+.2f}",
+            ])  # fmt: skip
+    print(md_table(["seed", "fine-tune hook", "before", "pruned (one-shot)", "fine-tuned",
+                    "drop"], rows))  # fmt: skip
+    for hook, d in drops.items():
+        sd = statistics.stdev(d) if len(d) > 1 else 0.0
+        print(f"\n{hook}: mean drop {statistics.mean(d):+.2f} ± {sd:.2f} points")
+    rows = []
+    for name in ("dgc-seed" + str(s0), "gradual", "iterative", "layer"):
+        r = runs[name]
+        rows.append([
+            name, r["method"], r["scope"], f"{r['sparsity']:.4f}", f"{acc(r, 'before'):.2f}",
+            f"{acc(r, 'final'):.2f}", f"{r['nonzero_parameters']:,}", f"{r['macs']:,}",
+            f"{r['nonzero_macs']:,}", f"{r['latency_ms_batch1']:.3f}",
+            f"{r['latency_ms_batch64']:.3f}",
+        ])  # fmt: skip
+    print()
+    print(md_table(["run", "method", "scope", "sparsity", "before", "fine-tuned", "nonzero params",
+                    "MACs", "nonzero MACs", "ms @1", "ms @64"], rows))  # fmt: skip
+    rows = []
+    for d in densities:
+        m, u = runs[f"bytes-d{d}-s0.9"], runs[f"bytes-d{d}-s0.0"]
+        rows.append([
+            d, u["pairs_last_step"], m["pairs_last_step"], u["bytes_last_step"],
+            m["bytes_last_step"], f"{u['bytes_last_step'] / m['bytes_last_step']:.2f}x",
+            f"{acc(u, 'final'):.2f}", f"{acc(m, 'final'):.2f}",
+        ])  # fmt: skip
+    print()
+    head = ["density", "pairs unmasked", "pairs masked", "bytes/step unmasked"]
+    head += ["bytes/step masked", "saving", "acc unmasked", "acc masked"]
+    print(md_table(head, rows))
+    write_json(args.json, runs)
+    if args.plot:
+        shutil.copyfile(out / f"dgc-seed{s0}" / "accuracy_vs_sparsity.png", args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Pruning on 2 gloo ranks in-process: the mask-aware DGC hook, agreement across ranks, and the
+pruning job (every hook, masks kept, resume in the middle of an iterative schedule)."""
+
+import shutil
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dtrain.comm import DGCState, dgc_hook, sparsify
+from dtrain.config import load_config
+from dtrain.distributed import DistInfo
+from dtrain.jobs.pruning import PruneJobConfig, make_trainer, write_report
+from dtrain.pruning import Disagreement, digest, verify_identical
+from dtrain.trainer import Trainer
+from tests.distributed.harness import outcome, run_ranks
+from tests.distributed.models import mlp, train_step
+
+DENSITY = 0.05
+
+
+def _masks(model) -> dict:
+    """The same 90%-sparse random masks on every rank, for the three weight matrices."""
+    g = torch.Generator().manual_seed(7)
+    return {p: torch.rand(p.shape, generator=g) < 0.1 for p in model.parameters() if p.dim() == 2}
+
+
+def _masked_dgc(rank: int, world: int, exchange: str, exact: bool) -> dict:
+    model = DDP(mlp(), bucket_cap_mb=100)  # one bucket
+    # min_compress 500: the 2048- and 3072-entry weights compressed, the 480-entry one dense
+    state = DGCState(
+        density=DENSITY, momentum=0.9, min_compress_numel=500, exchange=exchange, exact_topk=exact
+    )
+    state.attach(model.module.named_parameters())
+    model.register_comm_hook(state, dgc_hook)
+    masks = _masks(model.module)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    state.set_masks(masks)
+    with torch.no_grad():
+        for p, m in masks.items():
+            p.mul_(m)
+    sent_pruned, grad_pruned = 0, 0.0
+    finish = state._finish_step
+
+    def check_then_finish() -> None:  # the step's selected (hence sent) indices, before commit
+        nonlocal sent_pruned
+        for job in state._pending:
+            if getattr(job, "sent", None) is not None:
+                p = next(q for q, s in state._params.items() if s is job.state)
+                sent_pruned += int((~masks[p].view(-1)[job.sent]).sum())
+        finish()
+
+    state._finish_step = check_then_finish
+    bytes_sent = []
+    for step in range(6):
+        train_step(model, opt, rank, step)
+        grad_pruned = max(grad_pruned, max(float(p.grad[~m].abs().max()) for p, m in masks.items()))
+        bytes_sent.append(state.stats()["bytes_sent"])
+    state.state_dict()  # commits the last step
+    buffers = [
+        float(t.view(p.shape)[~masks[p]].abs().max())
+        for p, st in state._params.items()
+        if p in masks
+        for t in (st.u, st.v)
+        if t is not None
+    ]
+    kept = {tuple(p.shape): int(m.sum()) for p, m in masks.items()}
+    return {
+        "sent_pruned": sent_pruned,
+        "grad_pruned": grad_pruned,
+        "buffers_pruned": max(buffers),
+        "weights_pruned": max(float(p.detach()[~m].abs().max()) for p, m in masks.items()),
+        "moved": all(not torch.equal(p.detach(), p.detach() * 0) for p in masks),
+        "bytes": bytes_sent,
+        "stats": state.stats(),
+        "kept": kept,
+    }
+
+
+@pytest.mark.parametrize("exchange,exact", [("sparse", False), ("sparse", True), ("dense", True)])
+def test_dgc_never_sends_a_pruned_coordinate_and_takes_k_over_the_kept(exchange, exact):
+    results = run_ranks(_masked_dgc, 2, exchange, exact)
+    for r in results:
+        assert r["sent_pruned"] == 0
+        assert r["grad_pruned"] == 0.0 and r["buffers_pruned"] == 0.0
+        assert r["weights_pruned"] == 0.0 and r["moved"]
+    r = results[0]
+    k = [sparsify.num_selected(r["kept"][s], DENSITY) for s in ((64, 32), (48, 64))]
+    unmasked = [sparsify.num_selected(n, DENSITY) for n in (2048, 3072)]
+    assert r["stats"]["pairs_sent"] == sum(k)
+    assert r["stats"]["pairs_unmasked"] == sum(unmasked) > 5 * sum(k)
+    dense = r["kept"][(10, 48)] + 64 + 48 + 10  # the masked dense weight sends its kept only
+    if exchange == "sparse":  # (index, value) pairs + the flag word; the dense allreduce
+        assert r["bytes"][-1] == 4 * (2 * sum(k) + 1) + 4 * dense
+    else:  # one allreduce: the kept entries of the compressed weights, the dense, the flag
+        assert r["bytes"][-1] == 4 * (r["kept"][(64, 32)] + r["kept"][(48, 64)] + dense + 1)
+
+
+def _disagree(rank: int, world: int, _: int) -> str:
+    masks = {"fc1.weight": torch.ones(4, 4, dtype=torch.bool), "fc2.weight": torch.eye(3) > 0}
+    if rank == 1:  # as if scored on this rank's own data
+        masks["fc2.weight"] = masks["fc2.weight"].flip(0)
+    ok = outcome(lambda: verify_identical({"fc1.weight": masks["fc1.weight"]}))
+
+    def check() -> None:
+        try:
+            verify_identical(masks)
+        except Disagreement as e:
+            assert e.name == "fc2.weight"
+            raise
+
+    return ok + " / " + outcome(check)
+
+
+def test_ranks_that_disagree_on_a_mask_all_stop_naming_the_layer():
+    for r in run_ranks(_disagree, 2, 2):
+        assert r.startswith("ok / Disagreement: ranks disagree on the mask of fc2.weight"), r
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def _train_source(rank, world, out_dir):
+    cfg = load_config(
+        "configs/digits.toml",
+        [
+            "--logging.progress=false",
+            f"--run.out_dir={out_dir}",
+            "--run.name=src",
+            "--run.max_steps=40",
+            "--comm.hook=allreduce",
+        ],
+    )
+    trainer = Trainer(cfg, DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo", "t"))
+    trainer.train()
+    trainer.close()
+
+
+def _prune(rank, world, out_dir, args):
+    cfg = load_config(
+        "configs/prune/digits_global90.toml",
+        [
+            "--logging.progress=false",
+            f"--run.out_dir={out_dir}",
+            f"--prune.source={out_dir}/src",
+            "--logging.every_steps=5",
+            *args,
+        ],
+        PruneJobConfig,
+    )
+    info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo", "t")
+    trainer = make_trainer(cfg, info)
+    summary = trainer.train()
+    write_report(trainer, summary)
+    ext = trainer.extensions[0]
+    masks = ext.masks
+    zero_w = all(bool((p.detach()[~masks.keep[n]] == 0).all()) for n, p in masks.params.items())
+    opt_state = [
+        t[~masks.keep[n]]
+        for n, p in masks.params.items()
+        for t in trainer.optimizer.state.get(p, {}).values()
+        if torch.is_tensor(t) and t.shape == p.shape
+    ]
+    hook = getattr(trainer.hook_state, "_params", {})
+    hook_state = [
+        t.view(p.shape)[~masks.keep[n]]
+        for n, p in masks.params.items()
+        if p in hook
+        for t in (hook[p].u, hook[p].v, hook[p].d)
+        if t is not None
+    ]
+    out = {
+        "summary": summary,
+        "zero_weights": zero_w,
+        "zero_state": all(bool((t == 0).all()) for t in opt_state + hook_state),
+        "state_tensors": len(opt_state + hook_state),
+        "digests": {n: digest(k) for n, k in masks.keep.items()},
+        "stats": trainer.hook_state.stats(),
+        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+    }
+    trainer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(__file__.rsplit("/tests/", 1)[0])
+    try:
+        run_ranks(_train_source, 2, str(out))
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])
+
+
+@pytest.mark.parametrize("hook", ["dgc", "allreduce", "fp16", "powersgd"])
+def test_pruned_weights_and_their_state_stay_zero_with_every_hook(source, hook):
+    args = [
+        f"--comm.hook={hook}",
+        f"--run.name={hook}",
+        "--run.max_steps=12",
+        "--comm.powersgd_start_iter=4",
+    ]
+    results = run_ranks(_prune, 2, str(source), args)
+    for r in results:
+        assert r["zero_weights"] and r["zero_state"]
+        assert r["summary"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert results[0]["digests"] == results[1]["digests"]  # rank-different data, same masks
+    for k, v in results[0]["model"].items():
+        assert torch.equal(v, results[1]["model"][k]), k
+    if hook == "dgc":
+        assert results[0]["state_tensors"] > 0  # the hook's momentum and residuals checked
+        s = results[0]["stats"]
+        assert s["pairs_unmasked"] > 5 * s["pairs_sent"]
+    if hook == "allreduce":  # SGD's momentum buffers checked
+        assert results[0]["state_tensors"] == 4
+
+
+def test_gradual_pruning_follows_the_cubic_schedule(source):
+    args = [
+        "--prune.method=gradual",
+        "--run.name=gradual",
+        "--run.max_steps=20",
+        "--prune.start_step=2",
+        "--prune.end_step=14",
+        "--prune.frequency=4",
+        "--prune.initial_sparsity=0.2",
+    ]
+    r = run_ranks(_prune, 2, str(source), args)[0]
+    assert r["zero_weights"] and r["summary"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_a_resumed_iterative_run_equals_the_uninterrupted_one(source):
+    base = [
+        "--prune.method=iterative",
+        "--prune.rounds=3",
+        "--run.max_steps=18",
+        "--checkpoint.every_steps=9",
+        "--checkpoint.keep=5",
+    ]
+    full = run_ranks(_prune, 2, str(source), [*base, "--run.name=full"])[0]
+    # interrupted after the step-9 checkpoint, in round 2 of 3: the rest dropped, resumed
+    shutil.copytree(source / "full", source / "cut")
+    shutil.rmtree(source / "cut/checkpoints/step_00000018")
+    cut = run_ranks(_prune, 2, str(source), [*base, "--run.name=cut", "--checkpoint.resume=auto"])
+    cut = cut[0]
+    assert cut["digests"] == full["digests"]
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+    assert cut["summary"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert cut["summary"]["test_accuracy_before"] == full["summary"]["test_accuracy_before"]

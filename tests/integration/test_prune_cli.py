@@ -1,0 +1,131 @@
+"""``dtrain.prune`` as a user runs it: under torchrun from a trained run, its report and plot,
+the pruned checkpoint in a fresh process, and every mistake as one line with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dtrain import prune, train
+from tests.integration.cli import REPO, env, torchrun
+
+pytestmark = pytest.mark.integration
+
+SHORT = ["--logging.progress=false", "--logging.every_steps=10"]
+PRUNE = ["--config", "configs/prune/digits_global90.toml", *SHORT]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A short dtrain.train run of the digits CNN (allreduce, 60 steps)."""
+    out = tmp_path_factory.mktemp("prune_cli")
+    r = torchrun(
+        2,
+        "--config", "configs/digits.toml", *SHORT, "--run.max_steps=60",
+        "--comm.hook=allreduce", f"--run.out_dir={out}", "--run.name=src",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_prune_under_torchrun_writes_report_plot_and_a_loadable_checkpoint(source):
+    r = torchrun(
+        2,
+        *PRUNE, f"--prune.source={source}/src", f"--run.out_dir={source}", "--run.name=p",
+        "--run.max_steps=30",
+        module="dtrain.prune",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "final test accuracy" in r.stdout
+    run = source / "p"
+    report = json.loads((run / "prune_report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert set(report["layers"]) == {"conv1", "conv2", "fc1", "fc2"}
+    assert report["nonzero_macs"] < report["macs"] and report["latency_ms_batch64"] > 0
+    assert report["pairs_last_step_unmasked"] > 5 * report["pairs_last_step"]
+    assert {"test_accuracy_before", "test_accuracy_pruned", "test_accuracy_final"} <= set(report)
+    assert len(report["sweep"]) == 6
+    assert (run / "accuracy_vs_sparsity.png").stat().st_size > 10_000
+    # A fresh process: plain torch.load(weights_only=True), the model rebuilt from the config
+    # saved beside the weights; its accuracy and sparsity are the report's.
+    code = f"""
+import json, torch
+from dtrain.config import from_dict
+from dtrain.data import load_data
+from dtrain.models import build_model
+s = torch.load("{run}/checkpoints/step_00000030/shared.pt", weights_only=True)["state"]
+cfg = from_dict({{k: v for k, v in s["config"].items() if k != "prune"}})
+data = load_data(cfg.data, seed=0)
+model = build_model(cfg.model, data.info)
+model.load_state_dict(s["model"])
+model.eval()
+with torch.no_grad():
+    acc = 100.0 * (model(data.x_test).argmax(1) == data.y_test).sum().item() / len(data.y_test)
+masks = s["extensions"]["prune"]["masks"]
+zero = all(bool((s["model"][n][~m] == 0).all()) for n, m in masks.items())
+print(json.dumps({{"acc": acc, "zero": zero}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = json.loads(out.stdout)
+    assert fresh["zero"]
+    assert fresh["acc"] == pytest.approx(report["test_accuracy_final"], abs=1e-9)
+
+
+@pytest.fixture
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def _snapshot(root):
+    return sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prune.sparsity=1.0"], "prune.sparsity must be in [0, 1), got 1.0"),
+        (["--prune.sparsity=-0.1"], "prune.sparsity must be in [0, 1)"),
+        (["--prune.ignore=fc9"], "prune.ignore: no layer named 'fc9' in digits_cnn"),
+        (["--model.width=8"], "was trained with model.width = 0 (this job: 8)"),
+        (["--model.name=mlp"], "was trained with model.name = 'digits_cnn'"),
+        (["--prune.scope=layer", "--prune.sparsity=0.9999"], "would remove every weight"),
+        (["--prune.method=gradual", "--prune.end_step=999"], "must satisfy start < end"),
+        (["--prune.source=/nonexistent/run"], "/nonexistent/run is neither a run directory"),
+        (["--prune.modules=linear", "--prune.ignore=fc1,fc2"], "has no linear layer left"),
+    ],
+)
+@pytest.mark.usefixtures("_repo_root")
+def test_bad_input_is_one_line_exit_2_nothing_written(source, capsys, args, message):
+    before = _snapshot(source)
+    argv = [*PRUNE, f"--prune.source={source}/src", f"--run.out_dir={source}", "--run.name=bad"]
+    assert train.main([*argv, "--run.max_steps=20", *args], job=prune.PRUNE) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dtrain.prune: error: "), err
+    assert message in err[0], err[0]
+    assert _snapshot(source) == before
+
+
+@pytest.mark.usefixtures("_repo_root")
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(source, capsys, tmp_path):
+    import torch
+
+    ckpt = tmp_path / "ckpt"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(next((source / "src/checkpoints").iterdir()), ckpt)
+    obj = torch.load(ckpt / "shared.pt", weights_only=True)
+    obj["state"]["model"]["fc1.weight"] = obj["state"]["model"]["fc1.weight"][:, :100]
+    del obj["state"]["config"]  # a foreign or older checkpoint: only the weights to go by
+    torch.save(obj, ckpt / "shared.pt")
+    argv = [*PRUNE, f"--prune.source={ckpt}", f"--run.out_dir={tmp_path}", "--run.name=bad"]
+    assert train.main(argv, job=prune.PRUNE) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit model.name = 'digits_cnn': unexpected fc1.weight of shape" in err, err
+    assert not (tmp_path / "bad").exists()
+    assert os.listdir(tmp_path) == ["ckpt"]
