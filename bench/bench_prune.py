@@ -7,11 +7,13 @@ Command (defaults shown)::
 
 Per seed: the default training job (``configs/digits.toml``, DGC, 30 epochs) as the source; then
 ``dtrain.prune`` with ``configs/prune/digits_global90.toml`` (global magnitude pruning to 90%,
-10 epochs of fine-tuning) with DGC and with allreduce. For seed 0 also the other schedules
-(gradual, iterative) and the layer-wise scope, and DGC's bytes per step at each density with
-the masks (90%) and without them (the same fine-tuning at sparsity 0), read from the last step
-(after the warm-up). Prints Markdown tables; ``--plot`` copies seed 0's
-``accuracy_vs_sparsity.png``.
+10 epochs of fine-tuning) with DGC and with allreduce; the lottery ticket
+(``configs/prune/digits_lottery.toml``: 3 rounds to 80%, each rewound to the source's initial
+weights and trained 30 epochs) and its control (the lottery's final mask on re-initialised
+weights, 30 epochs). For seed 0 also the other schedules (gradual, iterative) and the layer-wise
+scope, and DGC's bytes per step at each density (constant, ``density_schedule = "constant"``)
+with the masks (90%) and without them (the same fine-tuning at sparsity 0), read from the last
+step. Prints Markdown tables; ``--plot`` copies seed 0's ``accuracy_vs_sparsity.png``.
 """
 
 import argparse
@@ -24,6 +26,7 @@ from pathlib import Path
 from common import machine_line, md_table, run_job, write_json
 
 PRUNE_CONFIG = "configs/prune/digits_global90.toml"
+LOTTERY = "configs/prune/digits_lottery.toml"
 
 
 def main() -> None:
@@ -40,9 +43,9 @@ def main() -> None:
     common = ["--logging.progress=false", f"--run.out_dir={out}", "--checkpoint.resume="]
     print(machine_line(1), file=sys.stderr)
 
-    def prune(name: str, seed: int, *extra: str) -> dict:
+    def prune(name: str, seed: int, *extra: str, config: str = PRUNE_CONFIG) -> dict:
         argv = [
-            "--config", PRUNE_CONFIG, *common, f"--run.name={name}", f"--run.seed={seed}",
+            "--config", config, *common, f"--run.name={name}", f"--run.seed={seed}",
             f"--prune.source={out}/source-seed{seed}", *extra,
         ]  # fmt: skip
         summary = run_job("dtrain.prune", args.nproc, argv, out / name)[-1]
@@ -58,6 +61,12 @@ def main() -> None:
         run_job("dtrain.train", args.nproc, [*argv, f"--run.seed={seed}"], out / src)
         for hook in ("dgc", "allreduce"):
             runs[f"{hook}-seed{seed}"] = prune(f"{hook}-seed{seed}", seed, f"--comm.hook={hook}")
+        runs[f"lottery-seed{seed}"] = prune(f"lottery-seed{seed}", seed, config=LOTTERY)
+        runs[f"control-seed{seed}"] = prune(
+            f"control-seed{seed}", seed, f"--prune.source={out}/lottery-seed{seed}",
+            "--prune.method=oneshot", "--prune.rewind=random", "--run.epochs=30",
+            "--optim.cycles=1", config=LOTTERY,
+        )  # fmt: skip
     s0 = seeds[0]
     for method in ("gradual", "iterative"):
         runs[method] = prune(method, s0, f"--prune.method={method}")
@@ -66,7 +75,10 @@ def main() -> None:
     for d in densities:
         for sparsity in (0.9, 0.0):
             name = f"bytes-d{d}-s{sparsity}"
-            runs[name] = prune(name, s0, f"--comm.density={d}", f"--prune.sparsity={sparsity}")
+            runs[name] = prune(
+                name, s0, f"--comm.density={d}", f"--prune.sparsity={sparsity}",
+                "--comm.density_schedule=constant",
+            )  # fmt: skip
 
     # ---- tables
     def acc(r: dict, key: str) -> float:
@@ -86,8 +98,23 @@ def main() -> None:
     print(md_table(["seed", "fine-tune hook", "before", "pruned (one-shot)", "fine-tuned",
                     "drop"], rows))  # fmt: skip
     for hook, d in drops.items():
-        sd = statistics.stdev(d) if len(d) > 1 else 0.0
-        print(f"\n{hook}: mean drop {statistics.mean(d):+.2f} ± {sd:.2f} points")
+        print(f"\n{hook}: mean drop {_mean_sd(d)} points")
+    rows, gaps = [], {"lottery": [], "control": []}
+    for seed in seeds:
+        lt, ct = runs[f"lottery-seed{seed}"], runs[f"control-seed{seed}"]
+        dense = acc(lt, "before")
+        gaps["lottery"].append(dense - acc(lt, "final"))
+        gaps["control"].append(dense - acc(ct, "final"))
+        per_round = ", ".join(f"{x['test_accuracy']:.2f}" for x in lt["rounds"])
+        rows.append([
+            seed, f"{dense:.2f}", per_round, f"{acc(lt, 'final'):.2f}", f"{acc(ct, 'final'):.2f}",
+            f"{lt['sparsity']:.4f}",
+        ])  # fmt: skip
+    print()
+    print(md_table(["seed", "dense (source)", "lottery per round (41.5/65.8/80%)",
+                    "lottery 80%", "control 80%", "sparsity"], rows))  # fmt: skip
+    for k, g in gaps.items():
+        print(f"\n{k}: mean gap to dense {_mean_sd(g)} points")
     rows = []
     for name in ("dgc-seed" + str(s0), "gradual", "iterative", "layer"):
         r = runs[name]
@@ -115,6 +142,11 @@ def main() -> None:
     write_json(args.json, runs)
     if args.plot:
         shutil.copyfile(out / f"dgc-seed{s0}" / "accuracy_vs_sparsity.png", args.plot)
+
+
+def _mean_sd(xs: list[float]) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):+.2f} ± {sd:.2f}"
 
 
 if __name__ == "__main__":

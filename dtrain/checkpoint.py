@@ -71,6 +71,7 @@ COMPATIBLE_KEYS = (
     "data.synthetic_classes",
     "data.synthetic_size",
     "data.test_fraction",
+    "data.image_size",
     "optim.name",
     "optim.decay_norm_and_bias",  # the number of param groups the optimizer state has
     "comm.hook",

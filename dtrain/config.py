@@ -156,6 +156,9 @@ class DataConfig:
     """``synthetic``: number of training samples (plus a quarter as many held out)."""
     test_fraction: float = 0.1
     """``text``: fraction of the characters held out (the end of the corpus)."""
+    image_size: int = 0
+    """``digits``: resize the 8x8 images to this size (bilinear; 32 for the residual networks,
+    as CIFAR's); 0: 8x8."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -168,6 +171,12 @@ class DataConfig:
         if not self.synthetic_shape or min(self.synthetic_shape) < 1:
             raise UserError(
                 f"data.synthetic_shape must be positive sizes, got {self.synthetic_shape}"
+            )
+        _at_least(s, "image_size", self.image_size, 0)
+        if self.image_size and self.name != "digits":
+            raise UserError(
+                f"data.image_size applies to data.name = 'digits' only: set it to 0 for "
+                f"{self.name!r}"
             )
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
@@ -206,6 +215,13 @@ class OptimConfig:
     """``step`` schedule: milestones as fractions of training."""
     gamma: float = 0.1
     """``step`` schedule: LR factor at each milestone."""
+    cycles: int = 1
+    """The schedule, warm-up included, runs this many times over the run (warm restarts: e.g.
+    one per prune → fine-tune round of ``dtrain.prune``)."""
+    bn_l1: float = 0.0
+    """Network Slimming (Liu et al., 2017): add ``bn_l1 * sum(|gamma|)`` over every batch norm's
+    scale to the loss, so that unimportant channels' scales go to zero (``dtrain.prune``'s
+    ``importance = "bn_scale"`` then removes them); 0: off."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm before the step; 0: off. (With DGC use ``comm.clip_norm``:
     DGC clips each rank's gradient before compression.)"""
@@ -226,6 +242,8 @@ class OptimConfig:
         if not all(0.0 < m < 1.0 for m in self.milestones):
             raise UserError(f"optim.milestones must be fractions in (0, 1), got {self.milestones}")
         _positive(s, "gamma", self.gamma)
+        _at_least(s, "cycles", self.cycles, 1)
+        _at_least(s, "bn_l1", self.bn_l1, 0.0)
         _at_least(s, "clip_grad_norm", self.clip_grad_norm, 0.0)
 
 

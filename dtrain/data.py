@@ -3,8 +3,9 @@
 :func:`load_data` builds a :class:`Datasets` (CPU tensors, a :class:`DataInfo` that tells the
 model what it gets, an optional augmentation) from a ``DataConfig``; nothing is downloaded:
 
-- ``digits``: scikit-learn's bundled 8x8 digits, ``[N, 1, 8, 8]`` in ``[0, 1]``; a fixed,
-  stratified split of 1500 training and 297 test images (independent of the seed).
+- ``digits``: scikit-learn's bundled 8x8 digits, ``[N, 1, 8, 8]``, standardised; a fixed,
+  stratified split of 1500 training and 297 test images (independent of the seed);
+  ``data.image_size = 32`` resizes them (bilinear) for the residual networks.
 - ``cifar10``: the local "CIFAR-10 python version" (``cifar-10-batches-py``), normalised with
   the usual per-channel mean and std; random crop + flip augmentation.
 - ``text``: a character-level language model on local text files; the test set is the end of
@@ -115,7 +116,7 @@ def load_data(cfg: DataConfig, *, seed: int) -> Datasets:
         UserError: the files are missing, incomplete or too short.
     """
     if cfg.name == "digits":
-        data = _load_digits()
+        data = _load_digits(cfg.image_size)
     elif cfg.name == "cifar10":
         data = _load_cifar10(cfg.path, augment=cfg.augment)
     elif cfg.name == "text":
@@ -145,7 +146,7 @@ def load_data(cfg: DataConfig, *, seed: int) -> Datasets:
 # ------------------------------------------------------------------------------------ digits
 
 
-def _load_digits() -> Datasets:
+def _load_digits(size: int = 0) -> Datasets:
     from sklearn.datasets import load_digits  # slow import: only when needed
     from sklearn.model_selection import train_test_split
 
@@ -160,9 +161,15 @@ def _load_digits() -> Datasets:
     mean, std = float(x_tr.mean()), float(x_tr.std())
 
     def images(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(((a - mean) / std).astype(np.float32)).view(-1, 1, 8, 8)
+        x = torch.from_numpy(((a - mean) / std).astype(np.float32)).view(-1, 1, 8, 8)
+        if size and size != 8:  # real images at the residual networks' input size
+            x = torch.nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False
+            )
+        return x
 
-    info = DataInfo.images((1, 8, 8), classes=10, train_size=len(y_tr), test_size=len(y_te))
+    side = size or 8
+    info = DataInfo.images((1, side, side), classes=10, train_size=len(y_tr), test_size=len(y_te))
     return Datasets(
         images(x_tr),
         torch.from_numpy(y_tr).long(),

@@ -49,9 +49,11 @@ def lr_factor(cfg: OptimConfig, step: int, *, total_steps: int, warmup_steps: in
 
 def schedule(cfg: OptimConfig, *, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
     """The run's learning-rate multiplier as a function of the optimizer step (warm-up given
-    in epochs): what :func:`build_scheduler` applies, for planning ahead (DGC's density)."""
+    in epochs; ``cfg.cycles`` > 1: the schedule restarts every ``ceil(total / cycles)`` steps):
+    what :func:`build_scheduler` applies, for planning ahead (DGC's density)."""
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return lambda step: lr_factor(cfg, step, total_steps=total_steps, warmup_steps=warmup)
+    length = math.ceil(total_steps / cfg.cycles)
+    return lambda step: lr_factor(cfg, step % length, total_steps=length, warmup_steps=warmup)
 
 
 def build_scheduler(

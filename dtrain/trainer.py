@@ -91,6 +91,11 @@ class Extension:
         ``trainer.data``); raise :class:`~dtrain.errors.UserError`. Runs before anything is
         written, also under ``--check``."""
 
+    def resume_model(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """On resume, before the checkpoint's weights load: the model they fit (e.g. rebuilt
+        to a pruned architecture from ``state``, this extension's saved state)."""
+        return model
+
     def on_start(self, trainer: "Trainer") -> None:
         """Once the model, DDP, optimizer and hook are built (and the checkpoint loaded)."""
 
@@ -189,6 +194,16 @@ class Trainer:
         # ---- model ----
         torch.manual_seed(run.seed)
         model = self.model_source(cfg, dinfo)
+        self.bn_scales = [
+            m.weight
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
+        ]
+        if cfg.optim.bn_l1 > 0 and not self.bn_scales:
+            raise UserError(
+                f"optim.bn_l1 = {cfg.optim.bn_l1} (Network Slimming) needs batch norm layers, "
+                f"and {cfg.model.name} has none: use a model with them or set optim.bn_l1 = 0"
+            )
 
         # ---- checkpoint to resume from ----
         self.checkpointer = Checkpointer(
@@ -228,27 +243,19 @@ class Trainer:
         )
 
         # ---- DDP, optimizer, hook ----
+        if self.resumed:
+            saved = self.resumed[0].get("extensions", {})
+            for ext in self.extensions:  # e.g. a pruned architecture, before its weights load
+                if ext.name in saved:
+                    model = ext.resume_model(model, saved[ext.name])
         model.to(info.device)
         if self.resumed:
             model.load_state_dict(self.resumed[0]["model"])
-        cuda = info.device.type == "cuda"
-        self.ddp = DistributedDataParallel(
-            model,
-            device_ids=[info.device.index] if cuda else None,
-            bucket_cap_mb=cfg.comm.bucket_cap_mb,
-        )
         self.model = model
-        self.optimizer = build_optimizer(cfg.optim, model)
         self.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
-        self.hook_state = self._register_hook(cfg.comm)
-        self.scheduler = build_scheduler(
-            cfg.optim,
-            self.optimizer,
-            total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch,
-        )
         self.step = 0
         self.step_lr = 0.0  # the learning rate of the last step taken
+        self._wire()
         if self.resumed:
             self._load(*self.resumed)
         else:
@@ -256,6 +263,43 @@ class Trainer:
         self.resumed = None  # the checkpoint's tensors are not needed any more
         for e in self.extensions:
             e.on_start(self)
+
+    def _wire(self) -> None:
+        """DDP around ``self.model``, a new optimizer, hook and LR schedule at ``self.step``."""
+        cfg, info = self.cfg, self.info
+        cuda = info.device.type == "cuda"
+        self.ddp = DistributedDataParallel(
+            self.model,
+            device_ids=[info.device.index] if cuda else None,
+            bucket_cap_mb=cfg.comm.bucket_cap_mb,
+        )
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.hook_state = self._register_hook(cfg.comm)
+        self.scheduler = build_scheduler(
+            cfg.optim,
+            self.optimizer,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        for g, f in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            g["lr"] = g["initial_lr"] * f(self.step)  # the schedule at this step
+        self.scheduler.last_epoch = self.step
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def rebuild(self) -> None:
+        """After a structural change of ``self.model`` (its modules replaced or resized in
+        place, the same way on every rank): a new DDP, optimizer, hook and learning-rate
+        schedule at the current step, on every rank. DDP must be rebuilt: the old one keeps
+        reducing the old parameters and the ranks silently diverge. The optimizer's and the
+        hook's state start empty."""
+        for name in ("ddp", "optimizer", "scheduler", "hook_state"):
+            self.__dict__.pop(name, None)
+        self.model.to(self.info.device)
+        self._wire()
+        logger.info(
+            "rebuilt DDP, optimizer and %s hook at step %d: %s parameters",
+            self.cfg.comm.hook, self.step, f"{sum(p.numel() for p in self.model.parameters()):,}",
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ set-up helpers
     def _register_hook(self, c: CommConfig) -> Any:
@@ -421,6 +465,9 @@ class Trainer:
                     out = self.ddp(x)
                 loss, correct, count = self._loss(out, y)
                 scaled = loss / accum
+                if self.cfg.optim.bn_l1 > 0:  # Network Slimming's sparsity on BN scales
+                    l1 = torch.stack([g.abs().sum() for g in self.bn_scales]).sum()
+                    scaled = scaled + self.cfg.optim.bn_l1 * l1 / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             # On the device: no host sync per step (read at log steps only).
             window[0] += loss.detach().double() * count

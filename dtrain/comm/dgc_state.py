@@ -260,6 +260,16 @@ class DGCState:
                     t.mul_(mask.keep)
         self._exchanges.clear()  # the bytes of every layout change
 
+    def reset(self) -> None:
+        """Zero every momentum, residual and decay momentum buffer (after the weights were
+        rewound: what they hold belongs to weights that are gone); the step count, the masks
+        and the learning-rate references stay. Call it on every rank between steps."""
+        self._finish_step()
+        for st in self._params.values():
+            for t in (st.u, st.v, st.d):
+                if t is not None:
+                    t.zero_()
+
     def set_lr_source(self, optimizer: torch.optim.Optimizer) -> None:
         """Read each parameter's learning rate from ``optimizer`` (``lr_weighted`` mode).
 

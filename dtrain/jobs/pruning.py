@@ -8,6 +8,7 @@ optimizer's state for them) after every step and hands the masks to the DGC hook
 never sends a pruned coordinate. :func:`write_report` measures the result.
 """
 
+import copy
 import json
 import logging
 import math
@@ -32,9 +33,11 @@ from dtrain.pruning import (
     magnitude_masks,
     prunable_weights,
     round_sparsity,
+    structured,
     verify_identical,
 )
 from dtrain.pruning.measure import latency_ms, macs, nonzero_parameters
+from dtrain.pruning.structured import CHANNEL_IMPORTANCES, widths
 from dtrain.trainer import Extension, Trainer
 
 __all__ = [
@@ -48,7 +51,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "gradual", "iterative")
+METHODS = ("oneshot", "gradual", "iterative", "lottery")
+REWINDS = ("auto", "none", "init", "step", "random")
 REPORT = "prune_report.json"
 PLOT = "accuracy_vs_sparsity.png"
 
@@ -62,11 +66,13 @@ class PruneConfig:
     source: str = ""
     """The trained model: a ``dtrain.train`` (or ``dtrain.prune``) run directory (its newest
     complete checkpoint) or a checkpoint directory ``run_dir/checkpoints/step_XXXXXXXX``."""
-    method: str = "magnitude"
-    """``magnitude`` (prune once to ``sparsity`` before the first step, then fine-tune),
+    method: str = "oneshot"
+    """``oneshot`` (prune once to ``sparsity`` before the first step, then fine-tune),
     ``gradual`` (Zhu & Gupta's cubic schedule from ``initial_sparsity`` at ``start_step`` to
-    ``sparsity`` at ``end_step``, every ``frequency`` steps) or ``iterative`` (``rounds`` equal
-    prune → fine-tune rounds, each pruning the same fraction of what remains)."""
+    ``sparsity`` at ``end_step``, every ``frequency`` steps), ``iterative`` (``rounds`` equal
+    prune → fine-tune rounds, each pruning the same fraction of what remains) or ``lottery``
+    (iterative, and every round starts again from the ``rewind`` weights: Frankle & Carbin's
+    lottery ticket; set ``optim.cycles = rounds`` so that each round gets the whole schedule)."""
     scope: str = "global"
     """``layer`` (each layer loses ``sparsity`` of its weights) or ``global`` (the smallest
     weights of all pruned layers together)."""
@@ -85,10 +91,33 @@ class PruneConfig:
     frequency: int = 10
     """``gradual``: steps between mask updates."""
     rounds: int = 3
-    """``iterative``: prune → fine-tune rounds (equal shares of the run)."""
-    sweep: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-    """Sparsities at which the source model's one-shot accuracy (no fine-tuning) is measured
-    for the report and its plot (``sparsity`` is always measured)."""
+    """``iterative``, ``lottery``: prune → fine-tune rounds (equal shares of the run)."""
+    rewind: str = "auto"
+    """Weights each round restarts from once pruned: ``none`` (the pruned weights fine-tuned),
+    ``init`` (the source run's initial weights, rebuilt from its seed, or kept by a prune run),
+    ``step`` (the source run's checkpoint at ``rewind_step``: late rewinding) or ``random``
+    (freshly initialised weights, another seed: the lottery ticket's control); ``auto``:
+    ``init`` for ``lottery``, else ``none``. The weights are kept in the checkpoint."""
+    rewind_step: int = 0
+    """``rewind = "step"``: the step of the source run's checkpoint to rewind to."""
+    granularity: str = "weights"
+    """``weights`` (unstructured: masks, the architecture stays) or ``channels`` (structured:
+    whole channels are removed, Torch-Pruning's dependency graph couples the layers that share
+    them; the result is a smaller dense model; ``method = "oneshot"``)."""
+    importance: str = "auto"
+    """What ranks the candidates: ``magnitude`` (weights); for channels ``l1`` or ``l2`` (filter
+    norms), ``taylor`` (first-order, |w · dL/dw| from ``taylor_batches`` batches per rank,
+    all-reduced) or ``bn_scale`` (|γ|: Network Slimming, after training with
+    ``optim.bn_l1``); ``auto``: ``magnitude`` for weights, ``l1`` for channels."""
+    round_to: int = 1
+    """``channels``: keep a multiple of this many channels per group (rounded down)."""
+    taylor_batches: int = 4
+    """``importance = "taylor"``: training batches per rank whose gradients score channels."""
+    sweep: tuple[float, ...] = ()
+    """Sparsities (channels: fractions of channels) at which the source model's one-shot
+    accuracy, without fine-tuning, is measured for the report and its plot (``sparsity`` is
+    always measured); empty: 0.5, 0.7, 0.8, 0.9, 0.95, 0.98 for weights, 0.1 to 0.6 for
+    channels."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -113,6 +142,51 @@ class PruneConfig:
         _at_least(s, "end_step", self.end_step, 0)
         _at_least(s, "frequency", self.frequency, 1)
         _at_least(s, "rounds", self.rounds, 1)
+        _choice(s, "granularity", self.granularity, ("weights", "channels"))
+        _at_least(s, "round_to", self.round_to, 1)
+        _at_least(s, "taylor_batches", self.taylor_batches, 1)
+        if self.granularity == "channels":
+            _choice(s, "importance", self.importance, ("auto", *CHANNEL_IMPORTANCES))
+            if self.method != "oneshot":
+                raise UserError(
+                    f"prune.granularity = 'channels' prunes once: set prune.method = 'oneshot' "
+                    f"(got {self.method!r})"
+                )
+        else:
+            _choice(s, "importance", self.importance, ("auto", "magnitude"))
+        _choice(s, "rewind", self.rewind, REWINDS)
+        _at_least(s, "rewind_step", self.rewind_step, 0)
+        if self.method == "lottery" and self.rewind == "none":
+            raise UserError("prune.method = 'lottery' rewinds: set prune.rewind to init or step")
+        if self.method == "gradual" and self.rewind_mode != "none":
+            raise UserError("prune.rewind needs rounds: use prune.method = lottery or iterative")
+        if (self.rewind == "step") != (self.rewind_step > 0):
+            raise UserError(
+                "prune.rewind = 'step' and prune.rewind_step > 0 go together (late rewinding "
+                "to the source run's checkpoint at that step)"
+            )
+
+    @property
+    def criterion(self) -> str:
+        """``importance`` with ``auto`` resolved."""
+        if self.importance != "auto":
+            return self.importance
+        return "l1" if self.granularity == "channels" else "magnitude"
+
+    @property
+    def sweep_points(self) -> list[float]:
+        """The sparsities of the one-shot sweep, ``sparsity`` included."""
+        default = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6) if self.granularity == "channels" else (
+            0.5, 0.7, 0.8, 0.9, 0.95, 0.98
+        )  # fmt: skip
+        return sorted({*(self.sweep or default), self.sparsity})
+
+    @property
+    def rewind_mode(self) -> str:
+        """``rewind`` with ``auto`` resolved."""
+        if self.rewind != "auto":
+            return self.rewind
+        return "init" if self.method == "lottery" else "none"
 
 
 @dataclass
@@ -159,7 +233,12 @@ class PruneExtension(Extension):
         self.end_step = 0
         self.total_steps = 0
         self.before: dict[str, float] = {}  # the source model, evaluated
-        self.sweep: list[tuple[float, float]] = []  # (sparsity, one-shot metric)
+        self.sweep: list[dict[str, float]] = []  # sparsity, one-shot metric (, macs)
+        self.history: list[Any] = []  # channels: Torch-Pruning's pruning history
+        self.example_shape: list[int] = []
+        self.dense: dict[str, Any] = {}  # channels: the unpruned model's size
+        self.rewind_to: dict[str, Tensor] = {}  # the weights every round restarts from
+        self.rounds: list[dict[str, float]] = []  # each round's end: sparsity, metric
 
     # ---------------------------------------------------------------- input (every rank)
     def model_source(self, cfg: JobConfig, info: DataInfo) -> nn.Module:
@@ -172,6 +251,11 @@ class PruneExtension(Extension):
                 f"source's"
             )
         model = build_model(cfg.model, info)
+        pruned = shared.get("extensions", {}).get("prune", {})
+        self.example_shape = list(info.in_shape)
+        if pruned.get("history"):  # a channel-pruned source: its architecture first
+            model = _channels().rebuild_from(model, pruned)
+            self.history = list(pruned["history"])
         missing, unexpected = _load_strict(model, shared.get("model", {}))
         if missing or unexpected:
             raise UserError(
@@ -179,8 +263,33 @@ class PruneExtension(Extension):
                 f"{'missing ' + missing if missing else 'unexpected ' + unexpected}"
             )
         self.source_path = str(ckpt)
-        self.source_masks = dict(shared.get("extensions", {}).get("prune", {}).get("masks", {}))
+        self.source_masks = dict(pruned.get("masks", {}))
+        self.rewind_to = self._rewind_weights(ckpt, shared, pruned, cfg, info)
         return model
+
+    def _rewind_weights(
+        self, ckpt: Path, shared: dict, pruned: dict, cfg: JobConfig, info: DataInfo
+    ) -> dict[str, Tensor]:
+        """The weights of ``prune.rewind``: ``{}`` for none."""
+        how = self.p.rewind_mode
+        if how == "none":
+            return {}
+        if how == "init" and pruned.get("rewind"):  # a prune run's source: its rewind point
+            return dict(pruned["rewind"])
+        if how == "step":
+            run = ckpt.parent.parent
+            at = run / "checkpoints" / f"step_{self.p.rewind_step:08d}"
+            if not at.is_dir():
+                raise UserError(
+                    f"prune.rewind_step = {self.p.rewind_step}: {run} has no complete checkpoint "
+                    f"at that step; train the source with --checkpoint.every_steps="
+                    f"{self.p.rewind_step} and a large enough --checkpoint.keep"
+                )
+            return dict(load_shared(at)[1]["model"])
+        seed = int(shared.get("config", {}).get("run", {}).get("seed", 0))
+        with torch.random.fork_rng():  # as dtrain.train built it: the seed, then the model
+            torch.manual_seed(seed if how == "init" else seed + 1_000_003)
+            return build_model(cfg.model, info).state_dict()
 
     def _weights(self, model: nn.Module) -> dict[str, nn.Parameter]:
         try:
@@ -191,6 +300,9 @@ class PruneExtension(Extension):
     def check(self, trainer: Trainer, model: nn.Module) -> None:
         """Refuse what cannot be pruned, before anything is written."""
         p = self.p
+        if p.granularity == "channels":
+            self._check_channels(trainer, model)
+            return
         weights = self._weights(model)
         if not weights:
             raise UserError(
@@ -204,7 +316,7 @@ class PruneExtension(Extension):
                 f"prune.start_step = {p.start_step} and prune.end_step = {self.end_step} must "
                 f"satisfy start < end <= the run's {total} steps"
             )
-        if p.method == "iterative" and p.rounds > total:
+        if p.method in ("iterative", "lottery") and p.rounds > total:
             raise UserError(f"prune.rounds = {p.rounds} is more than the run's {total} steps")
         for name, keep in magnitude_masks(weights, p.sparsity, scope=p.scope).items():
             if not keep.any():
@@ -220,23 +332,50 @@ class PruneExtension(Extension):
                 f"prune: keep prune.modules and prune.ignore as in the source run"
             )
 
+    def _check_channels(self, trainer: Trainer, model: nn.Module) -> None:
+        p = self.p
+        try:
+            structured._tp()
+        except ImportError as e:
+            raise UserError(f"prune.granularity = 'channels': {e}") from None
+        names = dict(model.named_modules())
+        for n in p.ignore:
+            if n not in names:
+                raise UserError(f"prune.ignore: no layer named {n!r} in {self.cfg.model.name}")
+        if p.criterion == "bn_scale" and not trainer.bn_scales:
+            raise UserError(
+                f"prune.importance = 'bn_scale' (Network Slimming) needs batch norm layers, "
+                f"and {self.cfg.model.name} has none: use l1, l2 or taylor"
+            )
+        if self.history and self.source_masks:
+            raise UserError("prune.source holds both masks and removed channels: not supported")
+        self.total_steps = trainer.total_steps
+
     # ---------------------------------------------------------------- schedule
     def target_at(self, step: int) -> float:
         """The sparsity the masks must have before step ``step`` (0-based) runs."""
         p = self.p
-        if p.method == "magnitude":
+        if p.method == "oneshot":
             return p.sparsity
         if p.method == "gradual":
             return cubic_sparsity(
                 step, initial=p.initial_sparsity, final=p.sparsity, start=p.start_step,
                 end=self.end_step, frequency=p.frequency,
             )  # fmt: skip
-        length = self.total_steps / p.rounds
-        index = min(int(step / length), p.rounds - 1)
-        return round_sparsity(index, rounds=p.rounds, final=p.sparsity)
+        return round_sparsity(self.round_of(step), rounds=p.rounds, final=p.sparsity)
+
+    def round_of(self, step: int) -> int:
+        """The prune → fine-tune round that step ``step`` belongs to (0 without rounds)."""
+        if self.p.method not in ("iterative", "lottery"):
+            return 0
+        length = self.total_steps / self.p.rounds
+        return min(int(step / length), self.p.rounds - 1)
 
     # ---------------------------------------------------------------- training (every rank)
     def on_start(self, trainer: Trainer) -> None:
+        if self.p.granularity == "channels":
+            self._start_channels(trainer)
+            return
         weights = self._weights(trainer.model)
         if self.masks is not None:  # resumed: the checkpoint's masks
             self._install(trainer, self.masks.keep)
@@ -244,18 +383,79 @@ class PruneExtension(Extension):
         keep = {n: m.to(weights[n].device) for n, m in self.source_masks.items()}
         self.before = trainer.evaluate()
         metric = _metric_key(self.before)
-        for s in sorted({*self.p.sweep, self.p.sparsity}):
+        for s in self.p.sweep_points:
             masks = magnitude_masks(weights, s, scope=self.p.scope, keep=keep)
-            self.sweep.append((s, _evaluate_masked(trainer, weights, masks)[metric]))
+            got = _evaluate_masked(trainer, weights, masks)[metric]
+            self.sweep.append({"sparsity": s, metric: got})
         self._prune(trainer, weights, self.target_at(0), keep)
+        self._rewind(trainer)
+
+    def _start_channels(self, trainer: Trainer) -> None:
+        """Channels: remove them once, before the first step (resumed: already removed)."""
+        if self.masks is not None:
+            return
+        channels = _channels()
+        p = self.p
+        example = channels.example_input(self.example_shape, trainer.info.device)
+        one = example[:1]
+        self.dense = {
+            "parameters": sum(x.numel() for x in trainer.model.parameters()),
+            "macs": macs(trainer.model, one),
+            "widths": widths(trainer.model),
+        }
+        self.before = trainer.evaluate()
+        metric = _metric_key(self.before)
+        kwargs = {
+            "importance": p.criterion, "global_pruning": p.scope == "global",
+            "round_to": p.round_to, "ignore": p.ignore, "taylor_batches": p.taylor_batches,
+        }  # fmt: skip
+        model = trainer.model
+        for s in p.sweep_points:  # one-shot, on copies, for the report's curve
+            trainer.model = copy.deepcopy(model)
+            try:
+                channels.prune_channels(trainer, ratio=s, rebuild=False, **kwargs)
+                self.sweep.append(
+                    {"sparsity": s, metric: trainer.evaluate()[metric],
+                     "macs": macs(trainer.model, one)}
+                )  # fmt: skip
+            finally:
+                trainer.model = model
+        self.history = channels.prune_channels(trainer, ratio=p.sparsity, **kwargs)
+        self.masks = MaskSet({}, {})
+        self.target = p.sparsity
 
     def after_step(self, trainer: Trainer) -> None:
         assert self.masks is not None  # made in on_start
         self.masks.apply_(trainer.optimizer)
-        if trainer.step < trainer.total_steps:
-            target = self.target_at(trainer.step)
+        step = trainer.step
+        if step < trainer.total_steps and self.round_of(step) != self.round_of(step - 1):
+            self.rounds.append(self._round_end(trainer))
+        if step < trainer.total_steps:
+            target = self.target_at(step)
             if target > self.target:
                 self._prune(trainer, self._weights(trainer.model), target, self.masks.keep)
+                self._rewind(trainer)
+
+    def _round_end(self, trainer: Trainer) -> dict[str, float]:
+        metric = trainer.evaluate()
+        assert self.masks is not None
+        key = _metric_key(metric)
+        return {"step": trainer.step, "sparsity": self.masks.sparsity(), key: metric[key]}
+
+    def _rewind(self, trainer: Trainer) -> None:
+        """Restart from the rewind weights under the current masks: the optimizer's and the
+        hook's momentum and residuals are zeroed (they belong to the weights that are gone)."""
+        if not self.rewind_to:
+            return
+        trainer.model.load_state_dict(self.rewind_to)
+        trainer.optimizer.state.clear()
+        reset = getattr(trainer.hook_state, "reset", None)
+        if reset is not None:
+            reset()
+        assert self.masks is not None
+        self.masks.apply_(trainer.optimizer)
+        if trainer.info.is_main:
+            logger.info("rewound to the %s weights at step %d", self.p.rewind_mode, trainer.step)
 
     def _prune(
         self, trainer: Trainer, weights: dict[str, nn.Parameter], target: float, keep: dict
@@ -291,15 +491,26 @@ class PruneExtension(Extension):
             "masks": self.masks.state_dict() if self.masks else {},
             "target": self.target,
             "before": dict(self.before),
-            "sweep": [list(x) for x in self.sweep],
+            "sweep": [dict(x) for x in self.sweep],
             "source": self.source_path,
             "prune": to_dict(self.cfg)["prune"],
+            "rewind": dict(self.rewind_to),
+            "rounds": [dict(r) for r in self.rounds],
+            "history": self.history,
+            "example_shape": self.example_shape,
+            "dense": dict(self.dense),
         }
+
+    def resume_model(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        if state.get("history"):
+            model = _channels().rebuild_from(model, state)
+        return model
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["prune"]
         now = to_dict(self.cfg)["prune"]
-        for key in ("method", "scope", "sparsity", "modules", "ignore", "rounds"):
+        keys = ("method", "scope", "sparsity", "modules", "ignore", "rounds", "rewind")
+        for key in (*keys, "granularity", "importance"):
             if saved.get(key) != now[key]:
                 raise UserError(
                     f"the checkpoint was pruned with prune.{key} = {saved.get(key)!r}, this "
@@ -311,7 +522,18 @@ class PruneExtension(Extension):
         )  # placeholders: on_start binds the masks to the model's weights
         self.target = float(state["target"])
         self.before = dict(state["before"])
-        self.sweep = [(float(s), float(a)) for s, a in state["sweep"]]
+        self.sweep = [dict(x) for x in state["sweep"]]
+        self.history = list(state.get("history", []))
+        self.dense = dict(state.get("dense", {}))
+        self.rewind_to = dict(state["rewind"])
+        self.rounds = [dict(r) for r in state["rounds"]]
+
+
+def _channels() -> Any:
+    """:mod:`dtrain.jobs.channels` (imports Torch-Pruning, an extra, only when needed)."""
+    from dtrain.jobs import channels
+
+    return channels
 
 
 def _load_strict(model: nn.Module, state: dict[str, Tensor]) -> tuple[str, str]:
@@ -365,11 +587,15 @@ def write_report(trainer: Trainer, summary: dict[str, Any]) -> None:
     assert ext.masks is not None
     metric = _metric_key(summary)
     counts = ext.masks.counts()
-    kept = sum(k for k, _ in counts.values())
-    total = sum(n for _, n in counts.values())
-    summary["sparsity"] = 1.0 - kept / total
+    channels = ext.p.granularity == "channels"
+    params = sum(p.numel() for p in trainer.model.parameters())
+    if channels:  # the fraction of the parameters removed
+        summary["sparsity"] = 1.0 - params / ext.dense["parameters"]
+    else:
+        kept = sum(k for k, _ in counts.values())
+        summary["sparsity"] = 1.0 - kept / sum(n for _, n in counts.values())
     summary[f"{metric}_before"] = ext.before[metric]
-    pruned = dict(ext.sweep)[ext.p.sparsity]
+    pruned = next(x[metric] for x in ext.sweep if x["sparsity"] == ext.p.sparsity)
     summary[f"{metric}_pruned"] = pruned
     if not trainer.info.is_main:
         return
@@ -381,7 +607,10 @@ def write_report(trainer: Trainer, summary: dict[str, Any]) -> None:
     report: dict[str, Any] = {
         "source": ext.source_path,
         "method": ext.p.method,
+        "granularity": ext.p.granularity,
+        "importance": ext.p.criterion,
         "scope": ext.p.scope,
+        "ratio": ext.p.sparsity,
         "metric": metric.removeprefix("test_"),
         f"{metric}_before": ext.before[metric],
         f"{metric}_pruned": pruned,
@@ -391,19 +620,31 @@ def write_report(trainer: Trainer, summary: dict[str, Any]) -> None:
             n.removesuffix(".weight"): {"kept": k, "numel": c, "sparsity": 1.0 - k / c}
             for n, (k, c) in counts.items()
         },
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": params,
         "nonzero_parameters": nonzero_parameters(model),
         "macs": macs(model, one),
         "nonzero_macs": macs(model, one, keep=ext.masks.keep),
         "latency_ms_batch1": latency_ms(model, one),
         "latency_ms_batch64": latency_ms(model, batch, repeats=10),
+        "latency_threads": torch.get_num_threads(),
         "hook": trainer.cfg.comm.hook,
         "bytes_last_step": stats["bytes_sent"],
         "bytes_per_step": summary["bytes_sent_total"] / steps,
         "dense_bytes_per_step": summary["dense_bytes_total"] / steps,
         "steps": summary["steps"],
-        "sweep": [{"sparsity": s, metric: a} for s, a in ext.sweep],
-    }
+        "sweep": [dict(x) for x in ext.sweep],
+        "rewind": ext.p.rewind_mode,
+        "rounds": [*ext.rounds, {"step": summary["steps"], "sparsity": summary["sparsity"],
+                                  metric: summary[metric]}],
+    }  # fmt: skip
+    if channels:
+        report["parameters_before"] = ext.dense["parameters"]
+        report["macs_before"] = ext.dense["macs"]
+        report["widths_before"] = ext.dense["widths"]
+        report["widths"] = widths(model)
+        dense = build_model(trainer.cfg.model, trainer.data.info).to(trainer.info.device)
+        report["latency_ms_batch1_before"] = latency_ms(dense, one)  # the unpruned shape
+        report["latency_ms_batch64_before"] = latency_ms(dense, batch, repeats=10)
     if "pairs_sent" in stats:
         report["pairs_last_step"] = stats["pairs_sent"]
         report["pairs_last_step_unmasked"] = stats["pairs_unmasked"]
@@ -425,15 +666,21 @@ def _plot(path: Path, report: dict[str, Any], metric: str) -> None:
     import matplotlib.pyplot as plt
 
     name = report["metric"]
+    channels = report["granularity"] == "channels"
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["sparsity"] for r in report["sweep"]]
-    ax.plot(xs, [r[metric] for r in report["sweep"]], "o-", label=f"one-shot {report['scope']}")
+    key = "macs" if channels else "sparsity"
+    xs = [r[key] / (1e6 if channels else 1) for r in report["sweep"]]
+    label = f"one-shot, {report['importance']}, {report['scope']}"
+    ax.plot(xs, [r[metric] for r in report["sweep"]], "o-", label=label)
     ax.axhline(report[f"{metric}_before"], color="gray", ls="--", label="before pruning")
+    x = report["macs"] / 1e6 if channels else report["sparsity"]
     ax.plot(
-        [report["sparsity"]], [report[f"{metric}_final"]], "r*", ms=14,
+        [x], [report[f"{metric}_final"]], "r*", ms=14,
         label=f"{report['method']}, fine-tuned ({report['hook']})",
     )  # fmt: skip
-    ax.set_xlabel("sparsity of the pruned layers")
+    if channels:
+        ax.axvline(report["macs_before"] / 1e6, color="gray", ls=":", label="MACs before")
+    ax.set_xlabel("MACs per image (millions)" if channels else "sparsity of the pruned layers")
     ax.set_ylabel(f"test {name}" + (" (%)" if name == "accuracy" else ""))
     ax.grid(alpha=0.3)
     ax.legend()

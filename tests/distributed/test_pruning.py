@@ -257,3 +257,139 @@ def test_a_resumed_iterative_run_equals_the_uninterrupted_one(source):
         assert torch.equal(v, cut["model"][k]), k
     assert cut["summary"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert cut["summary"]["test_accuracy_before"] == full["summary"]["test_accuracy_before"]
+
+
+def test_lottery_rounds_rewind_to_the_source_init_under_the_new_mask(source):
+    base = [
+        "--prune.method=lottery",
+        "--prune.rounds=2",
+        "--prune.sparsity=0.8",
+        "--optim.cycles=2",
+        "--run.max_steps=10",
+        "--checkpoint.every_steps=5",
+        "--checkpoint.keep=5",
+        "--run.name=lottery",
+    ]
+    r = run_ranks(_prune, 2, str(source), base)[0]
+    assert r["summary"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    # the source's initial weights: dtrain.train seeds, then builds the model
+    from dtrain.config import ModelConfig
+    from dtrain.data import DataInfo
+    from dtrain.models import build_model
+
+    torch.manual_seed(0)
+    init = build_model(ModelConfig(), DataInfo.images((1, 8, 8), classes=10, train_size=1,
+                                                      test_size=1)).state_dict()  # fmt: skip
+    # step 5 is round 2's first: pruned to 80% and rewound; its checkpoint is written after
+    at5 = torch.load(source / "lottery/checkpoints/step_00000005/shared.pt", weights_only=True)
+    state = at5["state"]
+    masks = state["extensions"]["prune"]["masks"]
+    assert 1 - sum(int(m.sum()) for m in masks.values()) / sum(
+        m.numel() for m in masks.values()
+    ) == pytest.approx(0.8, abs=1e-4)
+    for name, w in state["model"].items():
+        expect = init[name] * masks[name] if name in masks else init[name]
+        assert torch.equal(w, expect), name
+    for name, w in state["extensions"]["prune"]["rewind"].items():
+        assert torch.equal(w, init[name]), name  # kept in the checkpoint
+    hook = torch.load(source / "lottery/checkpoints/step_00000005/rank_00001.pt", weights_only=True)
+    buffers = [t for e in hook["state"]["hook"]["params"].values() for t in e.values()
+               if torch.is_tensor(t) and t.numel() > 1]  # fmt: skip
+    assert buffers and all(not t.any() for t in buffers)  # momentum and residuals reset
+    rounds = state["extensions"]["prune"]["rounds"]
+    assert [x["step"] for x in rounds] == [5] and rounds[0]["sparsity"] == pytest.approx(
+        1 - 0.2**0.5, abs=1e-3
+    )
+
+
+# ------------------------------------------------------------------------------ channels
+
+
+def _taylor_plans(rank, world):
+    """Taylor scores on each rank's own gradients, then on all-reduced ones."""
+    from dtrain.models.vision import DigitsCNN
+    from dtrain.pruning.structured import plan_channels
+
+    torch.manual_seed(0)
+    model = DigitsCNN(in_channels=1, num_classes=10)
+    g = torch.Generator().manual_seed(rank)  # rank-different data
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def plan():
+        return plan_channels(
+            model, x[:2], importance="taylor", ratio=0.5, global_pruning=False,
+            ignored=[model.fc2],
+        ).index_tensors()  # fmt: skip
+
+    local = outcome(lambda: verify_identical(plan(), what="removed channels"))
+    for p in model.parameters():  # what the job does first
+        torch.distributed.all_reduce(p.grad)
+    agreed = outcome(lambda: verify_identical(plan(), what="removed channels"))
+    return local, agreed
+
+
+def test_taylor_on_each_ranks_data_disagrees_and_all_reduced_gradients_agree():
+    for local, agreed in run_ranks(_taylor_plans, 2):
+        assert local.startswith("Disagreement: ranks disagree on the removed channels of "), local
+        assert agreed == "ok"
+
+
+def test_channel_pruning_job_removes_channels_alike_and_resumes_bit_for_bit(source):
+    base = [
+        "--prune.granularity=channels",
+        "--prune.importance=taylor",
+        "--prune.sparsity=0.3",
+        "--prune.sweep=0.2",
+        "--run.max_steps=12",
+        "--checkpoint.every_steps=6",
+        "--checkpoint.keep=5",
+    ]
+    full = run_ranks(_prune, 2, str(source), [*base, "--run.name=ch"])
+    a, b = full
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["model"]["conv2.weight"].shape[0] < 32 or a["model"]["fc1.weight"].shape[0] < 128
+    assert 0.2 < a["summary"]["sparsity"] < 0.8  # parameters removed
+    report = __import__("json").loads((source / "ch/prune_report.json").read_text())
+    assert (
+        report["macs"] < report["macs_before"]
+        and report["parameters"] < report["parameters_before"]
+    )
+    shutil.copytree(source / "ch", source / "ch_cut")
+    shutil.rmtree(source / "ch_cut/checkpoints/step_00000012")
+    cut = run_ranks(_prune, 2, str(source), [*base, "--run.name=ch_cut",
+                                              "--checkpoint.resume=auto"])[0]  # fmt: skip
+    for k, v in a["model"].items():
+        assert torch.equal(v, cut["model"][k]), k  # rebuilt architecture, same weights
+
+
+def _slim_source(rank, world, out_dir, bn_l1):
+    cfg = load_config(
+        "configs/digits.toml",
+        [
+            "--logging.progress=false", f"--run.out_dir={out_dir}", f"--run.name=slim{bn_l1}",
+            "--run.max_steps=30", "--model.name=resnet20", "--model.width=4",
+            f"--optim.bn_l1={bn_l1}", "--comm.hook=allreduce",
+        ],
+    )  # fmt: skip
+    trainer = Trainer(cfg, DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo", "t"))
+    trainer.train()
+    l1 = float(sum(g.abs().sum() for g in trainer.bn_scales))
+    trainer.close()
+    return l1
+
+
+def test_network_slimming_shrinks_bn_scales_then_prunes_by_them(source):
+    plain = run_ranks(_slim_source, 2, str(source), 0.0)[0]
+    slim = run_ranks(_slim_source, 2, str(source), 0.2)[0]
+    assert slim < 0.8 * plain  # the L1 penalty pushed the scales down
+    args = [
+        "--prune.granularity=channels", "--prune.importance=bn_scale", "--prune.sparsity=0.5",
+        "--prune.scope=global", "--prune.sweep=0.25", "--model.name=resnet20",
+        "--model.width=4", f"--prune.source={source}/slim0.2", "--run.max_steps=6",
+        "--run.name=slimmed",
+    ]  # fmt: skip
+    r = run_ranks(_prune, 2, str(source), args)[0]
+    assert r["summary"]["sparsity"] > 0.1

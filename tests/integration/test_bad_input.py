@@ -138,3 +138,12 @@ def test_missing_wandb_is_caught_before_anything_is_written(tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     out = tmp_path / "runs"
     fails(capsys, [*DIGITS, f"--run.out_dir={out}", "--logging.wandb=offline"], "needs wandb", out)
+
+
+def test_network_slimming_without_batch_norm_is_one_line(tmp_path, capsys):
+    fails(
+        capsys,
+        [*DIGITS, f"--run.out_dir={tmp_path}", "--optim.bn_l1=1e-4"],
+        "optim.bn_l1 = 0.0001 (Network Slimming) needs batch norm layers, and digits_cnn has none",
+        tmp_path,
+    )

@@ -76,6 +76,46 @@ print(json.dumps({{"acc": acc, "zero": zero}}))
     assert fresh["acc"] == pytest.approx(report["test_accuracy_final"], abs=1e-9)
 
 
+def test_channel_pruning_under_torchrun_reloads_from_its_history_in_a_fresh_process(source):
+    r = torchrun(
+        2,
+        *PRUNE, f"--prune.source={source}/src", f"--run.out_dir={source}", "--run.name=ch",
+        "--run.max_steps=20", "--prune.granularity=channels", "--prune.sparsity=0.3",
+        "--prune.importance=taylor", "--prune.sweep=0.2",
+        module="dtrain.prune",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = source / "ch"
+    report = json.loads((run / "prune_report.json").read_text())
+    assert report["parameters"] < report["parameters_before"]
+    assert report["macs"] < report["macs_before"]
+    assert report["widths"]["fc2"] == 10 and report["widths_before"]["conv2"] == 32
+    code = f"""
+import json, torch
+from dtrain.config import from_dict
+from dtrain.data import load_data
+from dtrain.models import build_model
+from dtrain.pruning.structured import rebuild
+s = torch.load("{run}/checkpoints/step_00000020/shared.pt", weights_only=True)["state"]
+cfg = from_dict({{k: v for k, v in s["config"].items() if k != "prune"}})
+data = load_data(cfg.data, seed=0)
+model = rebuild(build_model(cfg.model, data.info), s["extensions"]["prune"]["history"],
+                data.x_test[:2])
+model.load_state_dict(s["model"])
+model.eval()
+with torch.no_grad():
+    acc = 100.0 * (model(data.x_test).argmax(1) == data.y_test).sum().item() / len(data.y_test)
+print(json.dumps({{"acc": acc, "conv2": model.conv2.out_channels}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = json.loads(out.stdout)
+    assert fresh["conv2"] == report["widths"]["conv2"]
+    assert fresh["acc"] == pytest.approx(report["test_accuracy_final"], abs=1e-9)
+
+
 @pytest.fixture
 def _repo_root(monkeypatch):
     monkeypatch.chdir(REPO)
@@ -99,6 +139,19 @@ def _snapshot(root):
         (["--prune.method=gradual", "--prune.end_step=999"], "must satisfy start < end"),
         (["--prune.source=/nonexistent/run"], "/nonexistent/run is neither a run directory"),
         (["--prune.modules=linear", "--prune.ignore=fc1,fc2"], "has no linear layer left"),
+        (
+            ["--prune.method=lottery", "--prune.rewind=step", "--prune.rewind_step=7"],
+            "has no complete checkpoint at that step",
+        ),
+        (
+            ["--prune.granularity=channels", "--prune.importance=bn_scale"],
+            "'bn_scale' (Network Slimming) needs batch norm layers, and digits_cnn has none",
+        ),
+        (
+            ["--prune.granularity=channels", "--prune.method=gradual"],
+            "prunes once: set prune.method = 'oneshot'",
+        ),
+        (["--prune.granularity=channels", "--prune.ignore=fc7"], "no layer named 'fc7'"),
     ],
 )
 @pytest.mark.usefixtures("_repo_root")

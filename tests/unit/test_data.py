@@ -294,3 +294,16 @@ def test_loader_errors():
         loader(10, batch_size=8, world_size=2)
     with pytest.raises(ValueError, match="samples"):
         ShardedLoader(torch.zeros(3), torch.zeros(4), batch_size=1, rank=0, world_size=1, seed=0)
+
+
+def test_digits_resize_to_32_for_the_residual_networks():
+    from dtrain.config import DataConfig
+    from dtrain.data import load_data
+
+    small = load_data(DataConfig(name="digits"), seed=0)
+    big = load_data(DataConfig(name="digits", image_size=32), seed=0)
+    assert big.x_train.shape == (1500, 1, 32, 32) and big.info.in_shape == (1, 32, 32)
+    assert torch.equal(big.y_test, small.y_test)
+    # the same images: averaging 4x4 blocks of the resized ones gives back (about) the 8x8
+    back = torch.nn.functional.avg_pool2d(big.x_test, 4)
+    assert torch.corrcoef(torch.stack([back.flatten(), small.x_test.flatten()]))[0, 1] > 0.95

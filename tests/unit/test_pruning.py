@@ -156,7 +156,7 @@ def _prune_cfg(*overrides):
 def test_prune_config_checks_its_values():
     cfg = _prune_cfg("--prune.sparsity=0.5", "--prune.modules=linear")
     assert cfg.prune.sparsity == 0.5 and cfg.prune.modules == ("linear",)
-    assert cfg.run.name == "digits_cnn-digits-prune-magnitude"
+    assert cfg.run.name == "digits_cnn-digits-prune-oneshot"
     with pytest.raises(UserError, match=r"prune.sparsity must be in \[0, 1\), got 1.0"):
         _prune_cfg("--prune.sparsity=1.0")
     with pytest.raises(UserError, match=re.escape("prune.modules must be one of conv, linear")):
@@ -174,4 +174,26 @@ def test_prune_config_checks_its_values():
 )
 def test_every_prune_config_loads(path):
     cfg = load_config(str(path), [], PruneJobConfig)
-    assert cfg.prune.source and cfg.model.name == "digits_cnn"
+    assert cfg.prune.source and cfg.model.name in ("digits_cnn", "resnet20")
+
+
+def test_rewinding_needs_rounds_and_a_step_for_late_rewinding():
+    assert _prune_cfg("--prune.method=lottery").prune.rewind_mode == "init"
+    assert _prune_cfg("--prune.method=iterative").prune.rewind_mode == "none"
+    with pytest.raises(UserError, match="'lottery' rewinds"):
+        _prune_cfg("--prune.method=lottery", "--prune.rewind=none")
+    with pytest.raises(UserError, match="go together"):
+        _prune_cfg("--prune.method=lottery", "--prune.rewind=step")
+    with pytest.raises(UserError, match="needs rounds"):
+        _prune_cfg("--prune.method=gradual", "--prune.rewind=init")
+
+
+def test_cycles_restart_the_schedule():
+    from dtrain.config import OptimConfig
+    from dtrain.optim import schedule
+
+    one = schedule(OptimConfig(), total_steps=30, steps_per_epoch=10)
+    three = schedule(OptimConfig(cycles=3), total_steps=30, steps_per_epoch=10)
+    short = schedule(OptimConfig(), total_steps=10, steps_per_epoch=10)
+    assert [three(t) for t in range(30)] == [short(t % 10) for t in range(30)]
+    assert three(10) == 1.0 and one(10) < 1.0

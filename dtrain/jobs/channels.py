@@ -1,0 +1,148 @@
+"""The pruning job's channel path: structured pruning of the trainer's model on every rank alike.
+
+:func:`prune_channels` scores the channel groups (Taylor: gradients of a few batches per rank,
+all-reduced first, so every rank scores the same), checks that every rank chose the same channels
+(one all-reduce of digests) before any weight changes, removes them, proves the smaller model is
+the original with those channels zeroed, and rebuilds DDP, the optimizer and the hook.
+"""
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dtrain.errors import UserError
+from dtrain.models.vision import ResNet
+from dtrain.pruning import Disagreement, verify_identical
+from dtrain.pruning.structured import apply_plan, check_removal, plan_channels, rebuild
+from dtrain.trainer import Trainer
+
+__all__ = ["example_input", "ignored_modules", "prune_channels", "rebuild_from", "taylor_grads"]
+
+logger = logging.getLogger(__name__)
+
+_TOLERANCE = 1e-3  # of check_removal, relative to the outputs' scale
+
+
+def example_input(shape: list[int] | tuple[int, ...], device: torch.device) -> Tensor:
+    """A batch of two inputs of ``shape`` for tracing (images: floats; text: token 0)."""
+    if len(shape) == 1:  # token ids
+        return torch.zeros(2, *shape, dtype=torch.long, device=device)
+    return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def ignored_modules(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
+    """The modules whose outputs stay whole: ``names``, the output layer (the last linear or
+    convolution: its outputs are the classes), and, in a ResNet with parameter-free (zero
+    padding) shortcuts, the stem: Torch-Pruning reads ``F.pad`` as an elementwise op and would
+    tie channel j of one stage to channel j of the next (it is j + pad), so only the channels
+    inside each block are pruned there."""
+    modules = dict(model.named_modules())
+    out = [modules[n] for n in names]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if layers:
+        out.append(layers[-1])
+    if isinstance(model, ResNet) and any(getattr(b, "extra_channels", 0) for b in model.blocks):
+        out.append(model.stem[0])
+    return out
+
+
+def taylor_grads(trainer: Trainer, batches: int) -> None:
+    """Fill ``.grad`` of the model's parameters with the mean gradient of ``batches`` training
+    batches on every rank, all-reduced: the Taylor scores are then the same everywhere (on each
+    rank's own gradients they pick different channels)."""
+    model = trainer.model
+    model.zero_grad(set_to_none=False)
+    it = trainer.train_loader.epoch_batches(0)
+    for _ in range(batches):
+        x, y = next(it)
+        x, y = x.to(trainer.info.device), y.to(trainer.info.device)
+        loss, _, _ = trainer._loss(model(x), y)
+        (loss / batches).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        pos = 0
+        for g in grads:
+            g.copy_(flat[pos : pos + g.numel()].view_as(g))
+            pos += g.numel()
+
+
+def prune_channels(
+    trainer: Trainer,
+    *,
+    importance: str,
+    ratio: float,
+    global_pruning: bool,
+    round_to: int,
+    ignore: tuple[str, ...],
+    taylor_batches: int,
+    rebuild: bool = True,
+) -> list[Any]:
+    """Remove ``ratio`` of the channels of the trainer's model (see the module docstring) and
+    (``rebuild``) rebuild DDP, optimizer and hook; returns the pruning history.
+
+    Raises:
+        UserError: the ranks disagree, a layer would lose every channel, or the dependency
+            graph misread the model.
+    """
+    model = trainer.model
+    example = example_input(trainer.data.info.in_shape, trainer.info.device)
+    if importance == "taylor":
+        taylor_grads(trainer, taylor_batches)
+    original = copy.deepcopy(model)
+    plan = plan_channels(
+        model, example, importance=importance, ratio=ratio, global_pruning=global_pruning,
+        round_to=round_to, ignored=ignored_modules(model, ignore),
+    )  # fmt: skip
+    try:
+        verify_identical(plan.index_tensors(), what="removed channels", device=example.device)
+    except Disagreement as e:
+        raise UserError(str(e)) from None
+    modules = dict(model.named_modules())
+    for items in plan.items:
+        name, what, idxs = items[0]
+        m = modules[name]
+        size = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+        if "out_" in what and len(idxs) >= size:
+            raise UserError(
+                f"prune.sparsity = {ratio} would remove every channel of {name}: lower it, use "
+                f"prune.scope = 'layer', or add {name} to prune.ignore"
+            )
+    history = apply_plan(plan)
+    model.zero_grad(set_to_none=True)
+    try:
+        diff = check_removal(original, model, plan, example)
+        scale = float(original.eval()(example).abs().max()) or 1.0
+    except RuntimeError as e:  # shapes that no longer meet
+        diff, scale = float("inf"), 1.0
+        logger.warning("pruned model does not run: %s", e)
+    if not diff <= _TOLERANCE * scale:
+        raise UserError(
+            f"Torch-Pruning's dependency graph misread {trainer.cfg.model.name} (the pruned "
+            f"model differs from the original with the removed channels zeroed by {diff:.3g}): "
+            f"add the layers around the culprit to prune.ignore"
+        )
+    if not rebuild:  # a trial on a copy (the report's one-shot curve)
+        return history
+    trainer.rebuild()
+    if trainer.info.is_main:
+        logger.info(
+            "removed %d channels in %d groups (%s, %s); check: max difference %.2g",
+            plan.removed(), len(plan.items), importance,
+            "global" if global_pruning else "per layer", diff,
+        )  # fmt: skip
+    return history
+
+
+def rebuild_from(model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """``model`` resized to the architecture a prune job's state records (its history)."""
+    history = state.get("history") or []
+    if history:
+        rebuild(model, history, example_input(state["example_shape"], torch.device("cpu")))
+    return model

@@ -1,0 +1,188 @@
+"""Structured channel pruning with physical removal, on Torch-Pruning's dependency graph.
+
+Torch-Pruning (``torch-pruning``, the ``prune`` extra) traces the model and groups the layers
+whose channels must go together (a convolution's outputs, its batch norm, the next layer's
+inputs, both sides of a residual add, the features a flatten feeds). :func:`plan_channels`
+scores the groups and returns which channels each would remove, changing nothing, so that the
+choice can be compared across ranks first; :func:`apply_plan` removes them; :func:`check_removal`
+proves the smaller model computes what the original computes with those channels zeroed (a
+dependency graph that misread the model, e.g. a zero-padding shortcut, fails it);
+:func:`rebuild` replays the saved history on a freshly built model (the pruned architecture
+from plain data, ``torch.load(weights_only=True)``).
+"""
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CHANNEL_IMPORTANCES",
+    "ChannelPlan",
+    "apply_plan",
+    "check_removal",
+    "plan_channels",
+    "rebuild",
+    "widths",
+]
+
+CHANNEL_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")
+"""``l1``/``l2``: the norm of each channel's weights (filters) over the group; ``taylor``: the
+first-order Taylor estimate |w · dL/dw| (needs gradients in ``.grad``, the same on every rank);
+``bn_scale``: |γ| of the batch norms (Network Slimming)."""
+
+
+def _tp() -> Any:
+    try:
+        import torch_pruning as tp
+    except ImportError as e:  # the extra is not installed
+        raise ImportError(
+            "structured pruning needs Torch-Pruning: pip install 'dtrain[prune]'"
+        ) from e
+    return tp
+
+
+def _importance(name: str) -> Any:
+    tp = _tp()
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if name == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    raise ValueError(f"importance must be one of {', '.join(CHANNEL_IMPORTANCES)}, got {name!r}")
+
+
+class ChannelPlan:
+    """The channels a pruner would remove, per group, before anything changes.
+
+    Attributes:
+        groups: Torch-Pruning's groups, applied by :func:`apply_plan`.
+        items: per group, ``(layer name, what is pruned, removed indices)`` of every layer it
+            touches (e.g. ``("conv1", "ConvPruner.prune_out_channels", [0, 5, ...])``).
+        graph: the dependency graph (its ``pruning_history()`` once applied).
+    """
+
+    def __init__(self, groups: list[Any], graph: Any) -> None:
+        self.groups, self.graph = groups, graph
+        names = graph._module2name
+        self.items: list[list[tuple[str, str, list[int]]]] = [
+            [
+                (names[dep.target.module], dep.handler.__qualname__, sorted(int(i) for i in idxs))
+                for dep, idxs in group
+                if isinstance(dep.target.module, nn.Module) and dep.target.module in names
+            ]
+            for group in groups
+        ]
+
+    def index_tensors(self) -> dict[str, Tensor]:
+        """``{"<root layer>:<what>": removed indices}`` of each group (for
+        :func:`~dtrain.pruning.agree.verify_identical`)."""
+        return {
+            f"{items[0][0]}:{items[0][1]}": torch.tensor(items[0][2], dtype=torch.int64)
+            for items in self.items
+            if items
+        }
+
+    def removed(self) -> int:
+        """Channels removed (counted once per group)."""
+        return sum(len(items[0][2]) for items in self.items if items)
+
+
+def plan_channels(
+    model: nn.Module,
+    example: Tensor,
+    *,
+    importance: str,
+    ratio: float,
+    global_pruning: bool,
+    round_to: int = 1,
+    ignored: Sequence[nn.Module] = (),
+) -> ChannelPlan:
+    """Score ``model``'s channel groups and choose the ``ratio`` fraction to remove from each
+    (``global_pruning``: the lowest-scoring across all groups, scores normalised per group);
+    nothing changes until :func:`apply_plan`.
+
+    Args:
+        model: the model (its ``.grad`` filled for ``importance="taylor"``).
+        example: an input batch for tracing.
+        importance: one of :data:`CHANNEL_IMPORTANCES`.
+        ratio: fraction of each group's channels removed, in [0, 1).
+        global_pruning: rank all groups together.
+        round_to: keep a multiple of this many channels (Torch-Pruning rounds down; a group
+            that would keep none is left whole).
+        ignored: modules whose outputs are never pruned (the classifier, say).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+    tp = _tp()
+    pruner = tp.pruner.BasePruner(
+        model,
+        example_inputs=example,
+        importance=_importance(importance),
+        pruning_ratio=ratio,
+        global_pruning=global_pruning,
+        round_to=round_to if round_to > 1 else None,
+        ignored_layers=list(ignored),
+    )
+    groups = list(pruner.step(interactive=True)) if ratio > 0 else []
+    return ChannelPlan(groups, pruner.DG)
+
+
+def apply_plan(plan: ChannelPlan) -> list[Any]:
+    """Remove the planned channels (the modules are resized in place: their parameters are new
+    tensors, so build a new optimizer and DDP afterwards); returns the pruning history, plain
+    lists of names, flags and indices."""
+    for group in plan.groups:
+        group.prune()
+    return copy.deepcopy(plan.graph.pruning_history())
+
+
+@torch.no_grad()
+def check_removal(
+    original: nn.Module, pruned: nn.Module, plan: ChannelPlan, example: Tensor
+) -> float:
+    """The largest difference between ``pruned(example)`` and ``original(example)`` with the
+    removed channels zeroed (output rows of convolutions and linear layers, batch norms' scale
+    and shift), both in eval mode: ~1e-6 when the dependency graph read the model right."""
+    ref = copy.deepcopy(original).eval()
+    modules = dict(ref.named_modules())
+    for items in plan.items:
+        for name, what, idxs in items:
+            m, at = modules[name], torch.tensor(idxs, dtype=torch.long)
+            out = "out_channels" in what
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for t in (m.weight, m.bias):
+                    if t is not None:
+                        t[at] = 0
+            elif out and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+                m.weight[at] = 0
+                if m.bias is not None:
+                    m.bias[at] = 0
+    was = pruned.training
+    pruned.eval()
+    diff = float((pruned(example) - ref(example)).abs().max())
+    pruned.train(was)
+    return diff
+
+
+def rebuild(model: nn.Module, history: list[Any], example: Tensor) -> nn.Module:
+    """``model`` (freshly built, unpruned) resized as ``history`` says, in place; returns it."""
+    graph = _tp().DependencyGraph().build_dependency(model, example_inputs=example)
+    graph.load_pruning_history(history)
+    return model
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every convolution and linear layer, by name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+    return out
