@@ -14,6 +14,16 @@ weights, 30 epochs). For seed 0 also the other schedules (gradual, iterative) an
 scope, and DGC's bytes per step at each density (constant, ``density_schedule = "constant"``)
 with the masks (90%) and without them (the same fine-tuning at sparsity 0), read from the last
 step. Prints Markdown tables; ``--plot`` copies seed 0's ``accuracy_vs_sparsity.png``.
+
+``--parts channels`` (structured, ``--channel-seeds 0,1``): ResNet-20 on the digits at 32x32
+(``configs/resnet20_digits32.toml``, 30 epochs, DGC) as the source, then
+``configs/prune/resnet20_channels.toml`` (half of the channels inside every block removed by L1
+norm, 15 epochs of fine-tuning) with DGC and with allreduce, and with Taylor importance; CPU
+latency of the unpruned and the pruned model measured here, alternating, at 1 and 2 threads
+(median of 5 rounds of the median of 10 runs). ``--plot-channels`` copies seed 0's plot::
+
+    .venv/bin/python bench/bench_prune.py --parts channels \\
+        --plot-channels docs/img/prune_resnet20.png
 """
 
 import argparse
@@ -37,7 +47,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_prune")
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--parts", default="weights", help="weights (unstructured) and/or channels")
+    ap.add_argument("--channel-seeds", default="0,1")
+    ap.add_argument("--plot-channels")
     args = ap.parse_args()
+    if "channels" in args.parts:
+        channels(args)
+    if "weights" not in args.parts:
+        return
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out)
     common = ["--logging.progress=false", f"--run.out_dir={out}", "--checkpoint.resume="]
@@ -142,6 +159,80 @@ def main() -> None:
     write_json(args.json, runs)
     if args.plot:
         shutil.copyfile(out / f"dgc-seed{s0}" / "accuracy_vs_sparsity.png", args.plot)
+
+
+def _latency(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """threads -> (unpruned ms, pruned ms) at batch 64, measured alternately in this process."""
+    import torch
+
+    from dtrain.checkpoint import load_shared
+    from dtrain.config import from_dict
+    from dtrain.data import load_data
+    from dtrain.jobs.channels import rebuild_from
+    from dtrain.models import build_model
+    from dtrain.pruning.measure import latency_ms
+
+    _, s = load_shared(run_dir)
+    cfg = from_dict({k: v for k, v in s["config"].items() if k != "prune"})
+    info = load_data(cfg.data, seed=0).info
+    pruned = rebuild_from(build_model(cfg.model, info), s["extensions"]["prune"])
+    pruned.load_state_dict(s["model"])
+    dense = build_model(cfg.model, info)
+    x = torch.randn(64, *info.in_shape)
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        a, b = [], []
+        for _ in range(5):
+            a.append(latency_ms(dense, x, repeats=10))
+            b.append(latency_ms(pruned, x, repeats=10))
+        out[threads] = (statistics.median(a), statistics.median(b))
+    return out
+
+
+def channels(args: argparse.Namespace) -> None:
+    seeds = [int(s) for s in args.channel_seeds.split(",") if s.strip()]
+    out = Path(args.out)
+    common = ["--logging.progress=false", f"--run.out_dir={out}", "--checkpoint.resume="]
+    config = "configs/prune/resnet20_channels.toml"
+    rows, lat_rows, runs = [], [], {}
+    for seed in seeds:
+        src = f"r20-source-seed{seed}"
+        argv = ["--config", "configs/resnet20_digits32.toml", *common, f"--run.name={src}"]
+        run_job("dtrain.train", args.nproc, [*argv, f"--run.seed={seed}"], out / src)
+        for name, extra in (
+            ("l1-dgc", []), ("l1-allreduce", ["--comm.hook=allreduce"]),
+            ("taylor-dgc", ["--prune.importance=taylor"]),
+        ):  # fmt: skip
+            run = f"r20-{name}-seed{seed}"
+            argv = [
+                "--config", config, *common, f"--run.name={run}", f"--run.seed={seed}",
+                f"--prune.source={out}/{src}", *extra,
+            ]  # fmt: skip
+            run_job("dtrain.prune", args.nproc, argv, out / run)
+            r = runs[run] = json.loads((out / run / "prune_report.json").read_text())
+            print(f"{run}: {r['test_accuracy_final']:.2f}", file=sys.stderr, flush=True)
+            drop = r["test_accuracy_before"] - r["test_accuracy_final"]
+            rows.append([
+                seed, name, f"{r['test_accuracy_before']:.2f}", f"{r['test_accuracy_pruned']:.2f}",
+                f"{r['test_accuracy_final']:.2f}", f"{drop:+.2f}",
+                f"{r['parameters_before']:,} → {r['parameters']:,}",
+                f"{r['macs_before'] / 1e6:.2f} → {r['macs'] / 1e6:.2f}M "
+                f"({r['macs'] / r['macs_before']:.3f}x)",
+            ])  # fmt: skip
+            if name == "l1-dgc":
+                for threads, (a, b) in _latency(out / run).items():
+                    lat_rows.append([seed, threads, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}x"])
+    print(md_table(["seed", "run", "before", "pruned (one-shot)", "fine-tuned", "drop",
+                    "parameters", "MACs per image"], rows))  # fmt: skip
+    print()
+    print(md_table(["seed", "threads", "unpruned ms @64", "pruned ms @64", "speed-up"], lat_rows))
+    r0 = runs[f"r20-l1-dgc-seed{seeds[0]}"]
+    print("\nwidths (seed 0):", json.dumps(r0["widths"]))
+    write_json(args.json and args.json.replace(".json", "-channels.json"), runs)
+    if args.plot_channels:
+        shutil.copyfile(out / f"r20-l1-dgc-seed{seeds[0]}" / "accuracy_vs_sparsity.png",
+                        args.plot_channels)  # fmt: skip
 
 
 def _mean_sd(xs: list[float]) -> str:

@@ -17,10 +17,19 @@ from torch import Tensor, nn
 from dtrain.errors import UserError
 from dtrain.models.vision import ResNet
 from dtrain.pruning import Disagreement, verify_identical
+from dtrain.pruning.agree import all_reduce_scores
+from dtrain.pruning.apoz import ApozImportance, count_zeros, relu_feeders
 from dtrain.pruning.structured import apply_plan, check_removal, plan_channels, rebuild
 from dtrain.trainer import Trainer
 
-__all__ = ["example_input", "ignored_modules", "prune_channels", "rebuild_from", "taylor_grads"]
+__all__ = [
+    "apoz_importance",
+    "example_input",
+    "ignored_modules",
+    "prune_channels",
+    "rebuild_from",
+    "taylor_grads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +82,18 @@ def taylor_grads(trainer: Trainer, batches: int) -> None:
             pos += g.numel()
 
 
+def apoz_importance(trainer: Trainer) -> ApozImportance:
+    """APoZ of every layer that feeds a ReLU, counted over the held-out set on every rank (each
+    its shard) and summed with one all-reduce: the same scores on every rank (the job's check
+    made sure there are such layers)."""
+    model = trainer.model
+    names = relu_feeders(model)
+    device = trainer.info.device
+    batches = (x.to(device) for x, _ in trainer.test_loader.eval_batches())
+    counts = all_reduce_scores(count_zeros(model, names, batches))
+    return ApozImportance({n: c[:-1] / c[-1].clamp(min=1) for n, c in counts.items()})
+
+
 def prune_channels(
     trainer: Trainer,
     *,
@@ -95,9 +116,10 @@ def prune_channels(
     example = example_input(trainer.data.info.in_shape, trainer.info.device)
     if importance == "taylor":
         taylor_grads(trainer, taylor_batches)
+    scorer: Any = apoz_importance(trainer) if importance == "apoz" else importance
     original = copy.deepcopy(model)
     plan = plan_channels(
-        model, example, importance=importance, ratio=ratio, global_pruning=global_pruning,
+        model, example, importance=scorer, ratio=ratio, global_pruning=global_pruning,
         round_to=round_to, ignored=ignored_modules(model, ignore),
     )  # fmt: skip
     try:
@@ -118,7 +140,8 @@ def prune_channels(
     model.zero_grad(set_to_none=True)
     try:
         diff = check_removal(original, model, plan, example)
-        scale = float(original.eval()(example).abs().max()) or 1.0
+        with torch.no_grad():
+            scale = float(original.eval()(example).abs().max()) or 1.0
     except RuntimeError as e:  # shapes that no longer meet
         diff, scale = float("inf"), 1.0
         logger.warning("pruned model does not run: %s", e)

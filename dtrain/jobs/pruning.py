@@ -36,6 +36,7 @@ from dtrain.pruning import (
     structured,
     verify_identical,
 )
+from dtrain.pruning.apoz import relu_feeders
 from dtrain.pruning.measure import latency_ms, macs, nonzero_parameters
 from dtrain.pruning.structured import CHANNEL_IMPORTANCES, widths
 from dtrain.trainer import Extension, Trainer
@@ -108,7 +109,9 @@ class PruneConfig:
     """What ranks the candidates: ``magnitude`` (weights); for channels ``l1`` or ``l2`` (filter
     norms), ``taylor`` (first-order, |w · dL/dw| from ``taylor_batches`` batches per rank,
     all-reduced) or ``bn_scale`` (|γ|: Network Slimming, after training with
-    ``optim.bn_l1``); ``auto``: ``magnitude`` for weights, ``l1`` for channels."""
+    ``optim.bn_l1``) or ``apoz`` (the average percentage of zeros after each ReLU, counted over
+    the held-out set on all ranks and summed: the highest go first); ``auto``: ``magnitude``
+    for weights, ``l1`` for channels."""
     round_to: int = 1
     """``channels``: keep a multiple of this many channels per group (rounded down)."""
     taylor_batches: int = 4
@@ -151,6 +154,11 @@ class PruneConfig:
                 raise UserError(
                     f"prune.granularity = 'channels' prunes once: set prune.method = 'oneshot' "
                     f"(got {self.method!r})"
+                )
+            if self.rewind not in ("auto", "none"):
+                raise UserError(
+                    "prune.rewind needs prune.granularity = 'weights' (rewound weights have the "
+                    "unpruned architecture)"
                 )
         else:
             _choice(s, "importance", self.importance, ("auto", "magnitude"))
@@ -347,8 +355,24 @@ class PruneExtension(Extension):
                 f"prune.importance = 'bn_scale' (Network Slimming) needs batch norm layers, "
                 f"and {self.cfg.model.name} has none: use l1, l2 or taylor"
             )
-        if self.history and self.source_masks:
-            raise UserError("prune.source holds both masks and removed channels: not supported")
+        if p.criterion == "apoz":
+            try:
+                feeders = relu_feeders(model)
+            except Exception as e:  # torch.fx cannot trace it
+                raise UserError(
+                    f"prune.importance = 'apoz' traces {self.cfg.model.name} with torch.fx, "
+                    f"which failed ({type(e).__name__}): use l1, l2 or taylor"
+                ) from None
+            if not feeders:
+                raise UserError(
+                    f"prune.importance = 'apoz' needs ReLUs after convolutions or linear "
+                    f"layers, and {self.cfg.model.name} has none: use l1, l2 or taylor"
+                )
+        if self.source_masks:
+            raise UserError(
+                "prune.source was pruned with masks (prune.granularity = 'weights'): channel "
+                "pruning starts from its dense source; give that one"
+            )
         self.total_steps = trainer.total_steps
 
     # ---------------------------------------------------------------- schedule
@@ -420,7 +444,8 @@ class PruneExtension(Extension):
                 )  # fmt: skip
             finally:
                 trainer.model = model
-        self.history = channels.prune_channels(trainer, ratio=p.sparsity, **kwargs)
+        # after the source's own removals (a channel-pruned source): replayed in order
+        self.history = self.history + channels.prune_channels(trainer, ratio=p.sparsity, **kwargs)
         self.masks = MaskSet({}, {})
         self.target = p.sparsity
 

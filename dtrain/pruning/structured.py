@@ -28,10 +28,12 @@ __all__ = [
     "widths",
 ]
 
-CHANNEL_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")
+CHANNEL_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "apoz")
 """``l1``/``l2``: the norm of each channel's weights (filters) over the group; ``taylor``: the
 first-order Taylor estimate |w · dL/dw| (needs gradients in ``.grad``, the same on every rank);
-``bn_scale``: |γ| of the batch norms (Network Slimming)."""
+``bn_scale``: |γ| of the batch norms (Network Slimming); ``apoz``: the average percentage of
+zeros after the ReLU a layer feeds (:mod:`dtrain.pruning.apoz`; pass an
+:class:`~dtrain.pruning.apoz.ApozImportance`)."""
 
 
 def _tp() -> Any:
@@ -54,6 +56,8 @@ def _importance(name: str) -> Any:
         return tp.importance.GroupTaylorImportance()
     if name == "bn_scale":
         return tp.importance.BNScaleImportance()
+    if name == "apoz":
+        raise ValueError("importance 'apoz' needs the counts: pass an ApozImportance")
     raise ValueError(f"importance must be one of {', '.join(CHANNEL_IMPORTANCES)}, got {name!r}")
 
 
@@ -97,7 +101,7 @@ def plan_channels(
     model: nn.Module,
     example: Tensor,
     *,
-    importance: str,
+    importance: str | Any,
     ratio: float,
     global_pruning: bool,
     round_to: int = 1,
@@ -110,7 +114,8 @@ def plan_channels(
     Args:
         model: the model (its ``.grad`` filled for ``importance="taylor"``).
         example: an input batch for tracing.
-        importance: one of :data:`CHANNEL_IMPORTANCES`.
+        importance: one of :data:`CHANNEL_IMPORTANCES` but ``apoz``, or an importance object
+            (an :class:`~dtrain.pruning.apoz.ApozImportance`: groups it scores None stay whole).
         ratio: fraction of each group's channels removed, in [0, 1).
         global_pruning: rank all groups together.
         round_to: keep a multiple of this many channels (Torch-Pruning rounds down; a group
@@ -120,15 +125,18 @@ def plan_channels(
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     tp = _tp()
+    imp = _importance(importance) if isinstance(importance, str) else importance
     pruner = tp.pruner.BasePruner(
         model,
         example_inputs=example,
-        importance=_importance(importance),
+        importance=imp,
         pruning_ratio=ratio,
         global_pruning=global_pruning,
         round_to=round_to if round_to > 1 else None,
         ignored_layers=list(ignored),
     )
+    if hasattr(imp, "names"):  # ApozImportance: scores are kept by layer name
+        imp.names = pruner.DG._module2name
     groups = list(pruner.step(interactive=True)) if ratio > 0 else []
     return ChannelPlan(groups, pruner.DG)
 

@@ -393,3 +393,14 @@ def test_network_slimming_shrinks_bn_scales_then_prunes_by_them(source):
     ]  # fmt: skip
     r = run_ranks(_prune, 2, str(source), args)[0]
     assert r["summary"]["sparsity"] > 0.1
+
+
+def test_apoz_counts_every_ranks_shard_and_removes_channels_alike(source):
+    args = [
+        "--prune.granularity=channels", "--prune.importance=apoz", "--prune.sparsity=0.4",
+        "--prune.sweep=0.2", "--run.max_steps=4", "--run.name=apoz",
+    ]  # fmt: skip
+    a, b = run_ranks(_prune, 2, str(source), args)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["model"]["fc1.weight"].shape[0] < 128  # fc1 feeds a ReLU: pruned by its zeros

@@ -182,3 +182,30 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(source, capsys, tmp
     assert "does not fit model.name = 'digits_cnn': unexpected fc1.weight of shape" in err, err
     assert not (tmp_path / "bad").exists()
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.usefixtures("_repo_root")
+def test_pruning_a_channel_pruned_run_again_keeps_the_whole_history(source):
+    import torch
+
+    from dtrain.config import from_dict
+    from dtrain.data import load_data
+    from dtrain.models import build_model
+    from dtrain.pruning.structured import rebuild
+
+    first = source / "ch2a"
+    argv = [*PRUNE, f"--run.out_dir={source}", "--run.max_steps=4", "--prune.granularity=channels",
+            "--prune.sweep=0.1"]  # fmt: skip
+    assert train.main([*argv, f"--prune.source={source}/src", "--run.name=ch2a",
+                       "--prune.sparsity=0.25"], job=prune.PRUNE) == 0  # fmt: skip
+    assert train.main([*argv, f"--prune.source={first}", "--run.name=ch2b",
+                       "--prune.sparsity=0.25"], job=prune.PRUNE) == 0  # fmt: skip
+    a = torch.load(first / "checkpoints/step_00000004/shared.pt", weights_only=True)["state"]
+    b = torch.load(source / "ch2b/checkpoints/step_00000004/shared.pt", weights_only=True)["state"]
+    ha, hb = a["extensions"]["prune"]["history"], b["extensions"]["prune"]["history"]
+    assert hb[: len(ha)] == ha and len(hb) > len(ha)
+    cfg = from_dict({k: v for k, v in b["config"].items() if k != "prune"})
+    data = load_data(cfg.data, seed=0)
+    model = rebuild(build_model(cfg.model, data.info), hb, data.x_test[:2])
+    model.load_state_dict(b["model"])  # strict: the twice-pruned architecture
+    assert model.conv2.out_channels < a["model"]["conv2.weight"].shape[0]
