@@ -48,6 +48,7 @@ __all__ = [
     "check_compatible",
     "find_checkpoint",
     "load_shared",
+    "restore_model",
     "rng_state",
     "set_rng_state",
 ]
@@ -495,6 +496,50 @@ def load_shared(path: str | Path) -> tuple[Path, dict[str, Any]]:
     model, optimizer, step, config, ... (``torch.load(weights_only=True)``)."""
     ckpt = find_checkpoint(path)
     return ckpt, _read_file(ckpt / SHARED, rank=None)["state"]
+
+
+def architecture(shared: dict[str, Any]) -> list[Any]:
+    """The channel-pruning history a checkpoint's shared state records (``[]``: the model as its
+    config builds it): ``architecture`` (every job's checkpoint), else the prune job's own."""
+    return list(shared.get("architecture") or shared.get("extensions", {}).get("prune", {})
+                .get("history") or [])  # fmt: skip
+
+
+def restore_model(
+    model: Any, shared: dict[str, Any], *, what: str, example_shape: tuple[int, ...]
+) -> Any:
+    """``model`` (freshly built from its config) with the weights of a checkpoint's shared
+    state: first resized to the pruned architecture the state records (:func:`architecture`;
+    kept as ``model.pruning_history``), then loaded strictly.
+
+    Raises:
+        UserError: the weights do not fit (``what`` names the checkpoint in the message).
+    """
+    history = architecture(shared)
+    if history:
+        from dtrain.pruning.structured import rebuild  # Torch-Pruning: only when needed
+
+        example = torch.zeros(2, *example_shape, dtype=torch.long if len(example_shape) == 1
+                              else torch.float32)  # fmt: skip
+        rebuild(model, history, example)
+    setattr(model, "pruning_history", list(history))  # noqa: B010 (saved with its checkpoints)
+    state = shared.get("model", {})
+    own = model.state_dict()
+    problem = ""
+    for k in own:
+        if k not in state:
+            problem = f"missing {k}"
+        elif tuple(state[k].shape) != tuple(own[k].shape):
+            problem = f"{k} of shape {list(state[k].shape)} (the model's: {list(own[k].shape)})"
+        if problem:
+            break
+    if not problem and (extra := [k for k in state if k not in own]):
+        problem = f"unexpected {extra[0]}"
+    if problem:
+        name = type(model).__name__
+        raise UserError(f"{what} does not fit the model ({name}): {problem}")
+    model.load_state_dict(state)
+    return model
 
 
 def _step_of(path: Path) -> int:

@@ -114,6 +114,10 @@ class ModelConfig:
     """Attention heads (``char_transformer``)."""
     dropout: float = 0.0
     """Dropout probability (MLP, LMs)."""
+    init_from: str = ""
+    """Start from the weights of this checkpoint (a run directory: its newest complete one)
+    instead of a fresh initialisation: a ``dtrain.train`` or ``dtrain.prune`` checkpoint (a
+    channel-pruned model is rebuilt to its smaller architecture; a masked one trains dense)."""
 
     def __post_init__(self) -> None:
         s = self.SECTION

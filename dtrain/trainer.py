@@ -28,6 +28,8 @@ from dtrain.checkpoint import (
     Checkpointer,
     atomic_write_text,
     check_compatible,
+    load_shared,
+    restore_model,
     rng_state,
     set_rng_state,
 )
@@ -75,6 +77,18 @@ def check_run_dir(run_dir: Path) -> None:
 ModelSource = Callable[[JobConfig, DataInfo], nn.Module]
 """Builds the job's model (on the CPU, before DDP), e.g. from another run's checkpoint; may raise
 :class:`~dtrain.errors.UserError`. Default: :func:`dtrain.models.build_model`."""
+
+
+def initial_model(cfg: JobConfig, info: DataInfo) -> nn.Module:
+    """The default model source: ``cfg.model`` freshly built, or with the weights (and pruned
+    architecture) of ``model.init_from``."""
+    model = build_model(cfg.model, info)
+    if cfg.model.init_from:
+        ckpt, shared = load_shared(cfg.model.init_from)
+        model = restore_model(
+            model, shared, what=f"model.init_from {ckpt}", example_shape=info.in_shape
+        )
+    return model
 
 
 class Extension:
@@ -132,7 +146,7 @@ class Trainer:
         extensions: Sequence[Extension] = (),
     ) -> None:
         self.cfg, self.info = cfg, info
-        self.model_source = model_source or (lambda c, d: build_model(c.model, d))
+        self.model_source = model_source or initial_model
         self.extensions = list(extensions)
         # Some checks can fail on one rank alone (its data path, its checkpoint file): every rank
         # learns of it here, so none is left waiting for a peer in DDP's first collective.
@@ -395,6 +409,8 @@ class Trainer:
             "config": to_dict(self.cfg),
             "world_size": self.info.world_size,
             "extensions": {e.name: e.state_dict() for e in self.extensions},
+            # a channel-pruned architecture: how to rebuild it (checkpoint.restore_model)
+            "architecture": list(getattr(self.model, "pruning_history", [])),
         }
         mine = {"hook": self.hook_state.state_dict(), "rng": rng_state()}
         self.checkpointer.save(self.step, shared, mine)

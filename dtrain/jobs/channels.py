@@ -164,8 +164,15 @@ def prune_channels(
 
 
 def rebuild_from(model: nn.Module, state: dict[str, Any]) -> nn.Module:
-    """``model`` resized to the architecture a prune job's state records (its history)."""
-    history = state.get("history") or []
-    if history:
-        rebuild(model, history, example_input(state["example_shape"], torch.device("cpu")))
+    """``model`` resized to the architecture a prune job's state records (its history): the
+    removals beyond those ``model`` already had (``model.pruning_history``, e.g. a
+    channel-pruned source's) are replayed."""
+    history = list(state.get("history") or [])
+    done = list(getattr(model, "pruning_history", []))
+    if history[: len(done)] != done:
+        raise UserError("the checkpoint's pruning history does not extend its source's")
+    if history[len(done) :]:
+        example = example_input(state["example_shape"], torch.device("cpu"))
+        rebuild(model, history[len(done) :], example)
+    setattr(model, "pruning_history", history)  # noqa: B010 (a plain attribute of nn.Module)
     return model

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from dtrain.checkpoint import atomic_write_text, load_shared
+from dtrain.checkpoint import atomic_write_text, load_shared, restore_model
 from dtrain.config import JobConfig, _at_least, _choice, to_dict
 from dtrain.data import DataInfo
 from dtrain.distributed import DistInfo
@@ -220,7 +220,7 @@ class PruneJobConfig(JobConfig):
 def _model_mismatch(saved: dict[str, Any], cfg: JobConfig) -> str | None:
     mine = to_dict(cfg)["model"]
     for key, value in mine.items():
-        if key in saved and saved[key] != value:
+        if key != "init_from" and key in saved and saved[key] != value:
             return f"model.{key} = {saved[key]!r} (this job: {value!r})"
     return None
 
@@ -258,18 +258,13 @@ class PruneExtension(Extension):
                 f"prune.source {ckpt} was trained with {why}: set the [model] section to the "
                 f"source's"
             )
-        model = build_model(cfg.model, info)
-        pruned = shared.get("extensions", {}).get("prune", {})
         self.example_shape = list(info.in_shape)
-        if pruned.get("history"):  # a channel-pruned source: its architecture first
-            model = _channels().rebuild_from(model, pruned)
-            self.history = list(pruned["history"])
-        missing, unexpected = _load_strict(model, shared.get("model", {}))
-        if missing or unexpected:
-            raise UserError(
-                f"prune.source {ckpt} does not fit model.name = {cfg.model.name!r}: "
-                f"{'missing ' + missing if missing else 'unexpected ' + unexpected}"
-            )
+        model = restore_model(
+            build_model(cfg.model, info), shared, what=f"prune.source {ckpt}",
+            example_shape=info.in_shape,
+        )  # fmt: skip
+        pruned = shared.get("extensions", {}).get("prune", {})
+        self.history = list(pruned.get("history", []))  # a channel-pruned source's
         self.source_path = str(ckpt)
         self.source_masks = dict(pruned.get("masks", {}))
         self.rewind_to = self._rewind_weights(ckpt, shared, pruned, cfg, info)
@@ -446,6 +441,7 @@ class PruneExtension(Extension):
                 trainer.model = model
         # after the source's own removals (a channel-pruned source): replayed in order
         self.history = self.history + channels.prune_channels(trainer, ratio=p.sparsity, **kwargs)
+        setattr(trainer.model, "pruning_history", list(self.history))  # noqa: B010
         self.masks = MaskSet({}, {})
         self.target = p.sparsity
 
@@ -559,20 +555,6 @@ def _channels() -> Any:
     from dtrain.jobs import channels
 
     return channels
-
-
-def _load_strict(model: nn.Module, state: dict[str, Tensor]) -> tuple[str, str]:
-    """Load ``state`` into ``model``; the first missing / unexpected / misshapen key, or ''."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    for k in own:
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape):
-            return "", f"{k} of shape {list(state[k].shape)} (the model's: {list(own[k].shape)})"
-    if missing or unexpected:
-        return (missing[0] if missing else ""), (unexpected[0] if unexpected else "")
-    model.load_state_dict(state)
-    return "", ""
 
 
 def _metric_key(evaluated: dict[str, float]) -> str:

@@ -179,7 +179,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(source, capsys, tmp
     argv = [*PRUNE, f"--prune.source={ckpt}", f"--run.out_dir={tmp_path}", "--run.name=bad"]
     assert train.main(argv, job=prune.PRUNE) == 2
     err = capsys.readouterr().err.strip()
-    assert "does not fit model.name = 'digits_cnn': unexpected fc1.weight of shape" in err, err
+    assert "does not fit the model (DigitsCNN): fc1.weight of shape" in err, err
     assert not (tmp_path / "bad").exists()
     assert os.listdir(tmp_path) == ["ckpt"]
 
@@ -209,3 +209,38 @@ def test_pruning_a_channel_pruned_run_again_keeps_the_whole_history(source):
     model = rebuild(build_model(cfg.model, data.info), hb, data.x_test[:2])
     model.load_state_dict(b["model"])  # strict: the twice-pruned architecture
     assert model.conv2.out_channels < a["model"]["conv2.weight"].shape[0]
+
+
+@pytest.mark.usefixtures("_repo_root")
+def test_train_starts_from_a_channel_pruned_model_and_passes_its_architecture_on(source):
+    import shutil
+
+    import torch
+
+    pruned = source / "chsrc"
+    argv = [*PRUNE, f"--run.out_dir={source}", "--run.max_steps=4", "--prune.granularity=channels",
+            "--prune.sweep=0.1", "--prune.sparsity=0.3"]  # fmt: skip
+    assert train.main([*argv, f"--prune.source={source}/src", "--run.name=chsrc"],
+                      job=prune.PRUNE) == 0  # fmt: skip
+    small = torch.load(pruned / "checkpoints/step_00000004/shared.pt", weights_only=True)["state"]
+    tuned = [
+        "--config", "configs/digits.toml", "--logging.progress=false", f"--run.out_dir={source}",
+        "--run.name=tuned", "--run.max_steps=4", "--checkpoint.every_steps=2",
+        "--checkpoint.keep=5", f"--model.init_from={pruned}",
+    ]  # fmt: skip
+    assert train.main(tuned) == 0
+    out = torch.load(source / "tuned/checkpoints/step_00000004/shared.pt", weights_only=True)
+    state = out["state"]
+    assert state["model"]["conv2.weight"].shape == small["model"]["conv2.weight"].shape
+    assert state["architecture"] == small["extensions"]["prune"]["history"]
+    # resumed: the architecture rebuilt from model.init_from, the same weights
+    shutil.copytree(source / "tuned", source / "tuned_cut")
+    shutil.rmtree(source / "tuned_cut/checkpoints/step_00000004")
+    assert train.main([*tuned, "--run.name=tuned_cut", "--resume"]) == 0
+    cut = torch.load(source / "tuned_cut/checkpoints/step_00000004/shared.pt", weights_only=True)
+    for k, v in state["model"].items():
+        assert torch.equal(v, cut["state"]["model"][k]), k
+    # and the pruning job starts from the dtrain.train run (its "architecture")
+    assert train.main([*argv, f"--prune.source={source}/tuned", "--run.name=again2",
+                       "--prune.granularity=weights", "--prune.sweep=0.5"],
+                      job=prune.PRUNE) == 0  # fmt: skip
