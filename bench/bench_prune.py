@@ -18,9 +18,11 @@ step. Prints Markdown tables; ``--plot`` copies seed 0's ``accuracy_vs_sparsity.
 ``--parts channels`` (structured, ``--channel-seeds 0,1``): ResNet-20 on the digits at 32x32
 (``configs/resnet20_digits32.toml``, 30 epochs, DGC) as the source, then
 ``configs/prune/resnet20_channels.toml`` (half of the channels inside every block removed by L1
-norm, 15 epochs of fine-tuning) with DGC and with allreduce, and with Taylor importance; CPU
-latency of the unpruned and the pruned model measured here, alternating, at 1 and 2 threads
-(median of 5 rounds of the median of 10 runs). ``--plot-channels`` copies seed 0's plot::
+norm, 15 epochs of fine-tuning) with DGC and with allreduce, with Taylor importance, stage-level
+(``prune.groups = "stages"``: each stage's shared width halved) and in 3 iterative rounds (DGC's
+state carried over each removal); CPU latency of the unpruned and the pruned model (inside
+blocks, stage-level) measured here, alternating, at 1 and 2 threads (median of 5 rounds of the
+median of 10 runs). ``--plot-channels`` copies seed 0's plot::
 
     .venv/bin/python bench/bench_prune.py --parts channels \\
         --plot-channels docs/img/prune_resnet20.png
@@ -203,6 +205,8 @@ def channels(args: argparse.Namespace) -> None:
         for name, extra in (
             ("l1-dgc", []), ("l1-allreduce", ["--comm.hook=allreduce"]),
             ("taylor-dgc", ["--prune.importance=taylor"]),
+            ("stages-dgc", ["--prune.groups=stages"]),
+            ("iterative-dgc", ["--prune.method=iterative", "--prune.rounds=3"]),
         ):  # fmt: skip
             run = f"r20-{name}-seed{seed}"
             argv = [
@@ -220,15 +224,17 @@ def channels(args: argparse.Namespace) -> None:
                 f"{r['macs_before'] / 1e6:.2f} → {r['macs'] / 1e6:.2f}M "
                 f"({r['macs'] / r['macs_before']:.3f}x)",
             ])  # fmt: skip
-            if name == "l1-dgc":
+            if name in ("l1-dgc", "stages-dgc"):
                 for threads, (a, b) in _latency(out / run).items():
-                    lat_rows.append([seed, threads, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}x"])
+                    lat_rows.append([seed, name, threads, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}x"])
     print(md_table(["seed", "run", "before", "pruned (one-shot)", "fine-tuned", "drop",
                     "parameters", "MACs per image"], rows))  # fmt: skip
     print()
-    print(md_table(["seed", "threads", "unpruned ms @64", "pruned ms @64", "speed-up"], lat_rows))
-    r0 = runs[f"r20-l1-dgc-seed{seeds[0]}"]
-    print("\nwidths (seed 0):", json.dumps(r0["widths"]))
+    print(md_table(["seed", "run", "threads", "unpruned ms @64", "pruned ms @64", "speed-up"],
+                   lat_rows))  # fmt: skip
+    for name in ("l1-dgc", "stages-dgc", "iterative-dgc"):
+        r0 = runs[f"r20-{name}-seed{seeds[0]}"]
+        print(f"\nstage widths, {name} (seed {seeds[0]}):", json.dumps(r0["stage_widths"]))
     write_json(args.json and args.json.replace(".json", "-channels.json"), runs)
     if args.plot_channels:
         shutil.copyfile(out / f"r20-l1-dgc-seed{seeds[0]}" / "accuracy_vs_sparsity.png",

@@ -34,6 +34,7 @@ from dtrain.checkpoint import (
     set_rng_state,
 )
 from dtrain.comm import make_hook, register_dgc, sparsify
+from dtrain.comm.buffers import flat_view, sliced_state
 from dtrain.comm.counting import counted
 from dtrain.config import CommConfig, JobConfig, to_dict, to_toml
 from dtrain.data import DataInfo, ShardedLoader, load_data
@@ -48,6 +49,28 @@ __all__ = ["Extension", "ModelSource", "Trainer", "check_run_dir", "plan_batches
 logger = logging.getLogger(__name__)
 
 _VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _carries(c: CommConfig) -> bool:
+    """Whether the hook's state is DGC's flat per-parameter state, which can be sliced (the
+    hierarchical hook assigns parameters to local ranks by size: a resized model changes it)."""
+    return c.hook == "dgc" and not c.hierarchical
+
+
+def _sliced(
+    state: dict[str, Any], new: torch.Tensor, carry: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
+    """One parameter's optimizer state (momentum buffers: its shape) for its resized tensor
+    ``new``: the entries at the kept positions; other entries (the step count) as they are."""
+    old, at = carry
+    out: dict[str, Any] = {}
+    for k, t in state.items():
+        if isinstance(t, torch.Tensor) and t.shape == old.shape:
+            s = torch.empty_like(new)
+            flat_view(s).copy_(flat_view(t)[at.to(t.device)])
+            t = s
+        out[k] = t
+    return out
 
 
 def plan_batches(batch_size: int, *, world_size: int, grad_accum: int) -> int:
@@ -300,19 +323,37 @@ class Trainer:
         self.scheduler.last_epoch = self.step
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
-    def rebuild(self) -> None:
+    def rebuild(self, carry: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         """After a structural change of ``self.model`` (its modules replaced or resized in
         place, the same way on every rank): a new DDP, optimizer, hook and learning-rate
         schedule at the current step, on every rank. DDP must be rebuilt: the old one keeps
-        reducing the old parameters and the ranks silently diverge. The optimizer's and the
-        hook's state start empty."""
+        reducing the old parameters and the ranks silently diverge.
+
+        Args:
+            carry: ``{parameter name: (the parameter before the change, the flat positions, in
+                memory order, of its entries that remain)}``: the optimizer's state and the DGC
+                hook's momentum, residual and decay momentum of those entries carry over,
+                sliced like the weights. Without it (and for the state of PowerSGD and the
+                hierarchical DGC hook) they start empty.
+        """
+        carry = carry or {}
+        old_opt = {n: self.optimizer.state.get(p, {}) for n, (p, _) in carry.items()}
+        old_hook = self.hook_state.state_dict() if carry and _carries(self.cfg.comm) else None
         for name in ("ddp", "optimizer", "scheduler", "hook_state"):
             self.__dict__.pop(name, None)
         self.model.to(self.info.device)
         self._wire()
+        params = dict(self.model.named_parameters())
+        for name, state in old_opt.items():
+            if state and name in params:
+                self.optimizer.state[params[name]] = _sliced(state, params[name], carry[name])
+        if old_hook is not None:
+            kept = {n: at for n, (_, at) in carry.items()}
+            self.hook_state.load_state_dict(sliced_state(old_hook, kept))
         logger.info(
-            "rebuilt DDP, optimizer and %s hook at step %d: %s parameters",
+            "rebuilt DDP, optimizer and %s hook at step %d: %s parameters%s",
             self.cfg.comm.hook, self.step, f"{sum(p.numel() for p in self.model.parameters()):,}",
+            "; their state carried over" if carry else "",
         )  # fmt: skip
 
     # ------------------------------------------------------------------ set-up helpers

@@ -7,7 +7,7 @@ rank is known to have had finite gradients (``shared/DGC.md``), or drops them.
 
 import torch
 
-__all__ = ["flat_view"]
+__all__ = ["flat_view", "sliced_state"]
 
 
 class _ParamState:
@@ -115,3 +115,21 @@ def _load_into(st: _ParamState, entry: dict[str, torch.Tensor], device: torch.de
     st.d = entry["d"].to(device) if "d" in entry else None
     st.lr_ref = float(entry["lr_ref"]) if "lr_ref" in entry else None
     st.u_next = st.v_next = st.d_next = None
+
+
+def sliced_state(state: dict, kept: dict[str, torch.Tensor]) -> dict:
+    """A :class:`~dtrain.comm.dgc_state.DGCState` ``state_dict()`` for a model some of whose
+    parameters shrank: ``kept[name]`` holds the positions (flat, memory order) of the entries of
+    parameter ``name`` that remain, and its momentum, residual and decay momentum keep just those
+    entries (in that order), so that they carry over a structural change instead of restarting
+    at zero."""
+    out = dict(state)
+    params = {}
+    for name, entry in state["params"].items():
+        at = kept.get(name)
+        params[name] = {
+            k: t[at.to(t.device)] if at is not None and k in ("u", "v", "d") else t
+            for k, t in entry.items()
+        }
+    out["params"] = params
+    return out

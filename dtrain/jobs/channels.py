@@ -15,11 +15,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dtrain.errors import UserError
-from dtrain.models.vision import ResNet
 from dtrain.pruning import Disagreement, verify_identical
 from dtrain.pruning.agree import all_reduce_scores
 from dtrain.pruning.apoz import ApozImportance, count_zeros, relu_feeders
-from dtrain.pruning.structured import apply_plan, check_removal, plan_channels, rebuild
+from dtrain.pruning.structured import (
+    apply_plan,
+    check_removal,
+    kept_indices,
+    plan_channels,
+    rebuild,
+)
 from dtrain.trainer import Trainer
 
 __all__ = [
@@ -44,18 +49,13 @@ def example_input(shape: list[int] | tuple[int, ...], device: torch.device) -> T
 
 
 def ignored_modules(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
-    """The modules whose outputs stay whole: ``names``, the output layer (the last linear or
-    convolution: its outputs are the classes), and, in a ResNet with parameter-free (zero
-    padding) shortcuts, the stem: Torch-Pruning reads ``F.pad`` as an elementwise op and would
-    tie channel j of one stage to channel j of the next (it is j + pad), so only the channels
-    inside each block are pruned there."""
+    """The modules whose outputs stay whole: ``names`` and the output layer (the last linear or
+    convolution: its outputs are the classes)."""
     modules = dict(model.named_modules())
     out = [modules[n] for n in names]
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     if layers:
         out.append(layers[-1])
-    if isinstance(model, ResNet) and any(getattr(b, "extra_channels", 0) for b in model.blocks):
-        out.append(model.stem[0])
     return out
 
 
@@ -103,10 +103,13 @@ def prune_channels(
     round_to: int,
     ignore: tuple[str, ...],
     taylor_batches: int,
+    groups: str = "all",
     rebuild: bool = True,
 ) -> list[Any]:
     """Remove ``ratio`` of the channels of the trainer's model (see the module docstring) and
-    (``rebuild``) rebuild DDP, optimizer and hook; returns the pruning history.
+    (``rebuild``) rebuild DDP, optimizer and hook, carrying over the optimizer's and the DGC
+    hook's state of the entries that remain (sliced like the weights); returns the pruning
+    history.
 
     Raises:
         UserError: the ranks disagree, a layer would lose every channel, or the dependency
@@ -120,7 +123,7 @@ def prune_channels(
     original = copy.deepcopy(model)
     plan = plan_channels(
         model, example, importance=scorer, ratio=ratio, global_pruning=global_pruning,
-        round_to=round_to, ignored=ignored_modules(model, ignore),
+        round_to=round_to, ignored=ignored_modules(model, ignore), groups=groups,
     )  # fmt: skip
     try:
         verify_identical(plan.index_tensors(), what="removed channels", device=example.device)
@@ -136,6 +139,7 @@ def prune_channels(
                 f"prune.sparsity = {ratio} would remove every channel of {name}: lower it, use "
                 f"prune.scope = 'layer', or add {name} to prune.ignore"
             )
+    before = dict(model.named_parameters())
     history = apply_plan(plan)
     model.zero_grad(set_to_none=True)
     try:
@@ -153,7 +157,8 @@ def prune_channels(
         )
     if not rebuild:  # a trial on a copy (the report's one-shot curve)
         return history
-    trainer.rebuild()
+    kept = kept_indices(original, history, example)
+    trainer.rebuild(carry={n: (before[n], at) for n, at in kept.items()})
     if trainer.info.is_main:
         logger.info(
             "removed %d channels in %d groups (%s, %s); check: max difference %.2g",

@@ -25,6 +25,7 @@ from dtrain.data import DataInfo
 from dtrain.distributed import DistInfo
 from dtrain.errors import UserError
 from dtrain.models import build_model
+from dtrain.models.vision import ResNet
 from dtrain.pruning import (
     PRUNABLE,
     Disagreement,
@@ -38,7 +39,7 @@ from dtrain.pruning import (
 )
 from dtrain.pruning.apoz import relu_feeders
 from dtrain.pruning.measure import latency_ms, macs, nonzero_parameters
-from dtrain.pruning.structured import CHANNEL_IMPORTANCES, widths
+from dtrain.pruning.structured import CHANNEL_IMPORTANCES, GROUPS, widths
 from dtrain.trainer import Extension, Trainer
 
 __all__ = [
@@ -104,7 +105,13 @@ class PruneConfig:
     granularity: str = "weights"
     """``weights`` (unstructured: masks, the architecture stays) or ``channels`` (structured:
     whole channels are removed, Torch-Pruning's dependency graph couples the layers that share
-    them; the result is a smaller dense model; ``method = "oneshot"``)."""
+    them; the result is a smaller dense model; ``method = "oneshot"`` or ``"iterative"``: every
+    round removes the same fraction of the channels left, and the optimizer's and DGC's momentum
+    and residuals of what remains carry over)."""
+    groups: str = "all"
+    """``channels``: which channel groups lose channels: ``all``, ``stages`` (only the channels
+    a residual add shares: each ResNet stage keeps one, smaller width, the stage-level pruning
+    of residual networks) or ``blocks`` (only the others: the channels inside each block)."""
     importance: str = "auto"
     """What ranks the candidates: ``magnitude`` (weights); for channels ``l1`` or ``l2`` (filter
     norms), ``taylor`` (first-order, |w · dL/dw| from ``taylor_batches`` batches per rank,
@@ -148,12 +155,13 @@ class PruneConfig:
         _choice(s, "granularity", self.granularity, ("weights", "channels"))
         _at_least(s, "round_to", self.round_to, 1)
         _at_least(s, "taylor_batches", self.taylor_batches, 1)
+        _choice(s, "groups", self.groups, GROUPS)
         if self.granularity == "channels":
             _choice(s, "importance", self.importance, ("auto", *CHANNEL_IMPORTANCES))
-            if self.method != "oneshot":
+            if self.method not in ("oneshot", "iterative"):
                 raise UserError(
-                    f"prune.granularity = 'channels' prunes once: set prune.method = 'oneshot' "
-                    f"(got {self.method!r})"
+                    f"prune.granularity = 'channels' prunes once or in rounds: set prune.method "
+                    f"= 'oneshot' or 'iterative' (got {self.method!r})"
                 )
             if self.rewind not in ("auto", "none"):
                 raise UserError(
@@ -368,7 +376,9 @@ class PruneExtension(Extension):
                 "prune.source was pruned with masks (prune.granularity = 'weights'): channel "
                 "pruning starts from its dense source; give that one"
             )
-        self.total_steps = trainer.total_steps
+        self.total_steps = total = trainer.total_steps
+        if p.method == "iterative" and p.rounds > total:
+            raise UserError(f"prune.rounds = {p.rounds} is more than the run's {total} steps")
 
     # ---------------------------------------------------------------- schedule
     def target_at(self, step: int) -> float:
@@ -410,7 +420,8 @@ class PruneExtension(Extension):
         self._rewind(trainer)
 
     def _start_channels(self, trainer: Trainer) -> None:
-        """Channels: remove them once, before the first step (resumed: already removed)."""
+        """Channels: measure the source, then remove them before the first step (all at once,
+        or the first round's share); resumed: already removed."""
         if self.masks is not None:
             return
         channels = _channels()
@@ -424,26 +435,48 @@ class PruneExtension(Extension):
         }
         self.before = trainer.evaluate()
         metric = _metric_key(self.before)
-        kwargs = {
-            "importance": p.criterion, "global_pruning": p.scope == "global",
-            "round_to": p.round_to, "ignore": p.ignore, "taylor_batches": p.taylor_batches,
-        }  # fmt: skip
         model = trainer.model
         for s in p.sweep_points:  # one-shot, on copies, for the report's curve
             trainer.model = copy.deepcopy(model)
             try:
-                channels.prune_channels(trainer, ratio=s, rebuild=False, **kwargs)
+                channels.prune_channels(trainer, ratio=s, rebuild=False, **self._channel_args())
                 self.sweep.append(
                     {"sparsity": s, metric: trainer.evaluate()[metric],
                      "macs": macs(trainer.model, one)}
                 )  # fmt: skip
             finally:
                 trainer.model = model
-        # after the source's own removals (a channel-pruned source): replayed in order
-        self.history = self.history + channels.prune_channels(trainer, ratio=p.sparsity, **kwargs)
-        setattr(trainer.model, "pruning_history", list(self.history))  # noqa: B010
+        self._remove_channels(trainer, self.target_at(0))
         self.masks = MaskSet({}, {})
-        self.target = p.sparsity
+
+    def _channel_args(self) -> dict[str, Any]:
+        p = self.p
+        return {
+            "importance": p.criterion, "global_pruning": p.scope == "global", "groups": p.groups,
+            "round_to": p.round_to, "ignore": p.ignore, "taylor_batches": p.taylor_batches,
+        }  # fmt: skip
+
+    def _remove_channels(self, trainer: Trainer, target: float) -> None:
+        """Remove channels on every rank: all of ``prune.sparsity`` at once, or one round's
+        share (the same fraction of the channels left each round), after the source's own
+        removals (a channel-pruned source: they are replayed first on reload)."""
+        p = self.p
+        ratio = p.sparsity if p.method == "oneshot" else 1.0 - (1.0 - p.sparsity) ** (1 / p.rounds)
+        channels = _channels()
+        self.history = self.history + channels.prune_channels(
+            trainer, ratio=ratio, **self._channel_args()
+        )
+        setattr(trainer.model, "pruning_history", list(self.history))  # noqa: B010
+        self.target = target
+
+    def _sparsity(self, trainer: Trainer) -> float:
+        """Weights: the masks' sparsity; channels: the fraction of the parameters removed."""
+        if self.p.granularity == "channels":
+            return (
+                1.0 - sum(x.numel() for x in trainer.model.parameters()) / self.dense["parameters"]
+            )
+        assert self.masks is not None
+        return self.masks.sparsity()
 
     def after_step(self, trainer: Trainer) -> None:
         assert self.masks is not None  # made in on_start
@@ -453,15 +486,16 @@ class PruneExtension(Extension):
             self.rounds.append(self._round_end(trainer))
         if step < trainer.total_steps:
             target = self.target_at(step)
-            if target > self.target:
+            if target > self.target and self.p.granularity == "channels":
+                self._remove_channels(trainer, target)
+            elif target > self.target:
                 self._prune(trainer, self._weights(trainer.model), target, self.masks.keep)
                 self._rewind(trainer)
 
     def _round_end(self, trainer: Trainer) -> dict[str, float]:
         metric = trainer.evaluate()
-        assert self.masks is not None
         key = _metric_key(metric)
-        return {"step": trainer.step, "sparsity": self.masks.sparsity(), key: metric[key]}
+        return {"step": trainer.step, "sparsity": self._sparsity(trainer), key: metric[key]}
 
     def _rewind(self, trainer: Trainer) -> None:
         """Restart from the rewind weights under the current masks: the optimizer's and the
@@ -531,8 +565,8 @@ class PruneExtension(Extension):
         saved = state["prune"]
         now = to_dict(self.cfg)["prune"]
         keys = ("method", "scope", "sparsity", "modules", "ignore", "rounds", "rewind")
-        for key in (*keys, "granularity", "importance"):
-            if saved.get(key) != now[key]:
+        for key in (*keys, "granularity", "importance", "groups"):
+            if saved.get(key, PruneConfig.groups if key == "groups" else None) != now[key]:
                 raise UserError(
                     f"the checkpoint was pruned with prune.{key} = {saved.get(key)!r}, this "
                     f"job has {now[key]!r}: resume with the same [prune] section"
@@ -648,8 +682,11 @@ def write_report(trainer: Trainer, summary: dict[str, Any]) -> None:
         report["parameters_before"] = ext.dense["parameters"]
         report["macs_before"] = ext.dense["macs"]
         report["widths_before"] = ext.dense["widths"]
-        report["widths"] = widths(model)
         dense = build_model(trainer.cfg.model, trainer.data.info).to(trainer.info.device)
+        report["widths"] = widths(model)
+        if isinstance(model, ResNet) and isinstance(dense, ResNet):  # per stage: shared, inside
+            report["stage_widths_before"] = dense.stage_widths()
+            report["stage_widths"] = model.stage_widths()
         report["latency_ms_batch1_before"] = latency_ms(dense, one)  # the unpruned shape
         report["latency_ms_batch64_before"] = latency_ms(dense, batch, repeats=10)
     if "pairs_sent" in stats:

@@ -6,10 +6,11 @@ convolutional models end in adaptive pooling, so they accept any ``H, W`` (they 
 same arguments give the same weights.
 """
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "DigitsCNN", "MobileNet", "ResNet", "resnet18", "resnet20"]
+__all__ = ["MLP", "DigitsCNN", "MobileNet", "ResNet", "ZeroPadShortcut", "resnet18", "resnet20"]
 
 
 class DigitsCNN(nn.Module):
@@ -79,6 +80,11 @@ def _conv_bn(
     return [conv, nn.BatchNorm2d(cout)]
 
 
+def _channels(conv: nn.Module) -> int:
+    assert isinstance(conv, nn.Conv2d)
+    return conv.out_channels
+
+
 def _init_cnn(model: nn.Module) -> None:
     """He initialisation for convolutions, identity for batch norm (He et al., 2015)."""
     for m in model.modules():
@@ -89,37 +95,65 @@ def _init_cnn(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class ZeroPadShortcut(nn.Module):
+    """The parameter-free shortcut (option A of He et al.): subsample by ``stride`` and place
+    the ``in_channels`` input channels among ``out_channels`` zero channels (centred, as zero
+    padding would).
+
+    The placement is data: input channel ``src[i]`` goes to output channel ``dst[i]``
+    (buffers, not saved: a channel-pruned model rebuilds them from its pruning history), so that
+    the channels on either side can be removed independently: the stage before and the stage
+    after keep their own widths (:mod:`dtrain.pruning.structured` prunes it).
+
+    Args:
+        in_channels: channels in.
+        out_channels: channels out (at least ``in_channels``).
+        stride: spatial subsampling.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        half = (out_channels - in_channels) // 2
+        self.src: Tensor
+        self.dst: Tensor
+        self.register_buffer("src", torch.arange(in_channels), persistent=False)
+        self.register_buffer("dst", torch.arange(half, half + in_channels), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        out = x.new_zeros((x.shape[0], self.out_channels, x.shape[2], x.shape[3]))
+        return out.index_copy(1, self.dst, x.index_select(1, self.src))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BN layers with a residual connection.
 
     When the shape changes, the shortcut is either a 1x1 conv + BN (``projection=True``,
-    ResNet-18) or parameter-free: subsample and zero-pad the channels (option A of He et al.,
-    the CIFAR ResNet-20).
+    ResNet-18) or parameter-free: a :class:`ZeroPadShortcut` (option A of He et al., the CIFAR
+    ResNet-20).
     """
 
     def __init__(self, cin: int, cout: int, *, stride: int, projection: bool) -> None:
         super().__init__()
         self.conv1, self.bn1 = _conv_bn(cin, cout, stride=stride)
         self.conv2, self.bn2 = _conv_bn(cout, cout)
-        self.stride, self.extra_channels = stride, 0
         self.shortcut: nn.Module | None = None
         if stride != 1 or cin != cout:
             if projection:
                 self.shortcut = nn.Sequential(*_conv_bn(cin, cout, kernel=1, stride=stride))
             else:
-                self.extra_channels = cout - cin
+                self.shortcut = ZeroPadShortcut(cin, cout, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
             x = self.shortcut(x)
-        else:
-            if self.stride != 1:
-                x = x[:, :, :: self.stride, :: self.stride]
-            if self.extra_channels:
-                half = self.extra_channels // 2
-                x = F.pad(x, (0, 0, 0, 0, half, self.extra_channels - half))
         return F.relu(out + x)
 
 
@@ -146,6 +180,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(*_conv_bn(in_channels, width), nn.ReLU())
         blocks: list[nn.Module] = []
         cin = width
+        self.stage_sizes = [count for _, count, _ in stages]
         for channels, count, stride in stages:
             for i in range(count):
                 s = stride if i == 0 else 1
@@ -158,6 +193,24 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(self.stem(x))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def _block(self, i: int) -> BasicBlock:
+        block = self.blocks[i]
+        assert isinstance(block, BasicBlock)
+        return block
+
+    def stage_widths(self) -> list[dict[str, object]]:
+        """Per stage: ``width`` (the channels its blocks share: they meet in residual adds) and
+        ``inside`` (each block's inner channels, between its two convolutions)."""
+        out, first = [], 0
+        for count in self.stage_sizes:
+            blocks = [self._block(i) for i in range(first, first + count)]
+            first += count
+            out.append({
+                "width": _channels(blocks[-1].conv2),
+                "inside": [_channels(b.conv1) for b in blocks],
+            })  # fmt: skip
+        return out
 
 
 def resnet20(*, in_channels: int, num_classes: int, width: int = 16) -> ResNet:

@@ -404,3 +404,92 @@ def test_apoz_counts_every_ranks_shard_and_removes_channels_alike(source):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert a["model"]["fc1.weight"].shape[0] < 128  # fc1 feeds a ReLU: pruned by its zeros
+
+
+def _prune_spying(rank, world, out_dir, args):
+    """``_prune``, recording the DGC state around every structural change during the run."""
+    import copy
+
+    changes = []
+    rebuild = Trainer.rebuild
+
+    def spy(self, carry=None):
+        before = copy.deepcopy(self.hook_state.state_dict()) if self.step > 0 else None
+        rebuild(self, carry)
+        if before is not None:
+            after = copy.deepcopy(self.hook_state.state_dict())
+            changes.append((self.step, before, {n: at for n, (_, at) in carry.items()}, after))
+
+    Trainer.rebuild = spy
+    try:
+        out = _prune(rank, world, out_dir, args)
+    finally:
+        Trainer.rebuild = rebuild
+    out["changes"] = changes
+    return out
+
+
+def test_iterative_channel_rounds_carry_dgc_state_over_and_resume_bit_for_bit(source):
+    base = [
+        "--prune.granularity=channels", "--prune.method=iterative", "--prune.rounds=2",
+        "--prune.sparsity=0.5", "--prune.sweep=0.2", "--run.max_steps=12",
+        "--checkpoint.every_steps=4", "--checkpoint.keep=5", "--comm.hook=dgc",
+    ]  # fmt: skip
+    a, b = run_ranks(_prune_spying, 2, str(source), [*base, "--run.name=chit"])
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    [(step, before, kept, after)] = a["changes"]  # round 2 starts at step 6
+    assert step == 6 and after["iter"] == before["iter"] and after["iter"] > 0
+    assert after["bytes_sent_total"] == before["bytes_sent_total"] > 0
+    shrunk, residuals = 0, 0
+    for name, entry in before["params"].items():
+        assert entry.keys() == after["params"][name].keys()
+        for key in {"u", "v", "d"} & entry.keys():
+            old, new = entry[key], after["params"][name][key]
+            assert torch.equal(new, old[kept[name]]), (name, key)  # sliced like the weights
+            shrunk += new.numel() < old.numel()
+            residuals += key == "v"
+        assert after["params"][name]["u"].abs().sum() > 0  # carried over, not reset
+    assert shrunk >= 8 and residuals >= 2  # every layer lost entries; compressed ones have v
+    rounds = a["summary"]["sparsity"]
+    assert 0.3 < rounds < 0.9
+    # interrupted after the step-4 checkpoint, before round 2: resumed, the same model
+    shutil.copytree(source / "chit", source / "chit_cut")
+    for s in (8, 12):
+        shutil.rmtree(source / f"chit_cut/checkpoints/step_{s:08d}")
+    cut = run_ranks(_prune, 2, str(source), [*base, "--run.name=chit_cut",
+                                              "--checkpoint.resume=auto"])[0]  # fmt: skip
+    for k, v in a["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+
+
+def test_stage_level_pruning_gives_each_resnet_stage_one_smaller_width(source):
+    if not (source / "rn").exists():
+        run_ranks(_resnet_source, 2, str(source))
+    args = [
+        "--prune.granularity=channels", "--prune.groups=stages", "--prune.sparsity=0.5",
+        "--prune.scope=layer", "--prune.sweep=0.25", "--model.name=resnet20",
+        "--model.width=4", f"--prune.source={source}/rn", "--run.max_steps=4",
+        "--run.name=stages",
+    ]  # fmt: skip
+    a, b = run_ranks(_prune, 2, str(source), args)
+    for k, v in a["model"].items():  # batch-norm statistics: each rank's last batch
+        assert "running" in k or torch.equal(v, b["model"][k]), k
+    report = __import__("json").loads((source / "stages/prune_report.json").read_text())
+    widths = [(s["width"], s["inside"]) for s in report["stage_widths"]]
+    assert widths == [(2, [4, 4, 4]), (4, [8, 8, 8]), (8, [16, 16, 16])]
+    assert [s["width"] for s in report["stage_widths_before"]] == [4, 8, 16]
+
+
+def _resnet_source(rank, world, out_dir):
+    cfg = load_config(
+        "configs/digits.toml",
+        [
+            "--logging.progress=false", f"--run.out_dir={out_dir}", "--run.name=rn",
+            "--run.max_steps=10", "--model.name=resnet20", "--model.width=4",
+            "--comm.hook=allreduce",
+        ],
+    )  # fmt: skip
+    trainer = Trainer(cfg, DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo", "t"))
+    trainer.train()
+    trainer.close()

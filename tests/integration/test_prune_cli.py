@@ -149,9 +149,13 @@ def _snapshot(root):
         ),
         (
             ["--prune.granularity=channels", "--prune.method=gradual"],
-            "prunes once: set prune.method = 'oneshot'",
+            "prunes once or in rounds: set prune.method = 'oneshot' or 'iterative'",
         ),
         (["--prune.granularity=channels", "--prune.ignore=fc7"], "no layer named 'fc7'"),
+        (
+            ["--prune.granularity=channels", "--prune.groups=stage"],
+            "prune.groups must be one of all, blocks, stages",
+        ),
     ],
 )
 @pytest.mark.usefixtures("_repo_root")
