@@ -20,9 +20,10 @@ step. Prints Markdown tables; ``--plot`` copies seed 0's ``accuracy_vs_sparsity.
 ``configs/prune/resnet20_channels.toml`` (half of the channels inside every block removed by L1
 norm, 15 epochs of fine-tuning) with DGC and with allreduce, with Taylor importance, stage-level
 (``prune.groups = "stages"``: each stage's shared width halved) and in 3 iterative rounds (DGC's
-state carried over each removal); CPU latency of the unpruned and the pruned model (inside
-blocks, stage-level) measured here, alternating, at 1 and 2 threads (median of 5 rounds of the
-median of 10 runs). ``--plot-channels`` copies seed 0's plot::
+state carried over each removal, the learning-rate schedule restarted each round); CPU
+latency of the unpruned and the pruned model (inside blocks, stage-level) measured here,
+alternating, at 1 and 2 threads (median of 5 rounds of the median of 10 runs).
+``--plot-channels`` copies seed 0's plot::
 
     .venv/bin/python bench/bench_prune.py --parts channels \\
         --plot-channels docs/img/prune_resnet20.png
@@ -206,7 +207,7 @@ def channels(args: argparse.Namespace) -> None:
             ("l1-dgc", []), ("l1-allreduce", ["--comm.hook=allreduce"]),
             ("taylor-dgc", ["--prune.importance=taylor"]),
             ("stages-dgc", ["--prune.groups=stages"]),
-            ("iterative-dgc", ["--prune.method=iterative", "--prune.rounds=3"]),
+            ("iterative-dgc", ["--prune.method=iterative", "--prune.rounds=3", "--optim.cycles=3"]),
         ):  # fmt: skip
             run = f"r20-{name}-seed{seed}"
             argv = [

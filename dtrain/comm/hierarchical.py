@@ -199,6 +199,16 @@ class HierarchicalDGCState:
     def set_lr_source(self, optimizer: torch.optim.Optimizer) -> None:
         self.dgc.set_lr_source(optimizer)
 
+    def set_masks(self, masks: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Pruning masks, as :meth:`DGCState.set_masks`: the owner of a parameter never selects
+        or sends a pruned coordinate across nodes (inside the node gradients are averaged
+        whole, over the fast links, and the owner masks them)."""
+        self.dgc.set_masks(masks)
+
+    def reset(self) -> None:
+        """Zero every momentum, residual and decay momentum buffer (:meth:`DGCState.reset`)."""
+        self.dgc.reset()
+
     def flush(self) -> int:
         """:meth:`DGCState.flush` across the whole job: each parameter's residual lives on its
         owner in every node, so the world's sum is divided by the number of nodes."""

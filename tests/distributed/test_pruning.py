@@ -8,6 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain.comm import DGCState, dgc_hook, sparsify
+from dtrain.comm.hierarchical import HierarchicalDGCState, hierarchical_dgc_hook
 from dtrain.config import load_config
 from dtrain.distributed import DistInfo
 from dtrain.jobs.pruning import PruneJobConfig, make_trainer, write_report
@@ -25,17 +26,25 @@ def _masks(model) -> dict:
     return {p: torch.rand(p.shape, generator=g) < 0.1 for p in model.parameters() if p.dim() == 2}
 
 
-def _masked_dgc(rank: int, world: int, exchange: str, exact: bool) -> dict:
+def _masked_dgc(
+    rank: int, world: int, exchange: str, exact: bool, hierarchical: bool = False
+) -> dict:
     model = DDP(mlp(), bucket_cap_mb=100)  # one bucket
     # min_compress 500: the 2048- and 3072-entry weights compressed, the 480-entry one dense
-    state = DGCState(
+    kwargs = dict(
         density=DENSITY, momentum=0.9, min_compress_numel=500, exchange=exchange, exact_topk=exact
     )
-    state.attach(model.module.named_parameters())
-    model.register_comm_hook(state, dgc_hook)
+    if hierarchical:  # 2 nodes of 2: each parameter's owner runs DGC across the nodes
+        outer = HierarchicalDGCState(local_size=2, **kwargs)
+        state, hook = outer.dgc, hierarchical_dgc_hook
+    else:
+        outer = state = DGCState(**kwargs)
+        hook = dgc_hook
+    outer.attach(model.module.named_parameters())
+    model.register_comm_hook(outer, hook)
     masks = _masks(model.module)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    state.set_masks(masks)
+    outer.set_masks(masks)
     with torch.no_grad():
         for p, m in masks.items():
             p.mul_(m)
@@ -56,7 +65,7 @@ def _masked_dgc(rank: int, world: int, exchange: str, exact: bool) -> dict:
         train_step(model, opt, rank, step)
         grad_pruned = max(grad_pruned, max(float(p.grad[~m].abs().max()) for p, m in masks.items()))
         bytes_sent.append(state.stats()["bytes_sent"])
-    state.state_dict()  # commits the last step
+    outer.state_dict()  # commits the last step
     buffers = [
         float(t.view(p.shape)[~masks[p]].abs().max())
         for p, st in state._params.items()
@@ -68,7 +77,7 @@ def _masked_dgc(rank: int, world: int, exchange: str, exact: bool) -> dict:
     return {
         "sent_pruned": sent_pruned,
         "grad_pruned": grad_pruned,
-        "buffers_pruned": max(buffers),
+        "buffers_pruned": max(buffers, default=0.0),
         "weights_pruned": max(float(p.detach()[~m].abs().max()) for p, m in masks.items()),
         "moved": all(not torch.equal(p.detach(), p.detach() * 0) for p in masks),
         "bytes": bytes_sent,
@@ -94,6 +103,17 @@ def test_dgc_never_sends_a_pruned_coordinate_and_takes_k_over_the_kept(exchange,
         assert r["bytes"][-1] == 4 * (2 * sum(k) + 1) + 4 * dense
     else:  # one allreduce: the kept entries of the compressed weights, the dense, the flag
         assert r["bytes"][-1] == 4 * (r["kept"][(64, 32)] + r["kept"][(48, 64)] + dense + 1)
+
+
+def test_hierarchical_dgc_never_sends_a_pruned_coordinate_across_nodes():
+    results = run_ranks(_masked_dgc, 4, "sparse", False, True)
+    for r in results:
+        assert r["sent_pruned"] == 0
+        assert r["grad_pruned"] == 0.0 and r["buffers_pruned"] == 0.0
+        assert r["weights_pruned"] == 0.0 and r["moved"]
+    sent = sum(r["stats"]["pairs_sent"] for r in results)
+    unmasked = sum(r["stats"]["pairs_unmasked"] for r in results)
+    assert sent > 0 and unmasked > 5 * sent  # k over the kept, on each owner
 
 
 def _disagree(rank: int, world: int, _: int) -> str:
