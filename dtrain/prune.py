@@ -17,7 +17,8 @@ for ``dtrain.train``: ``--config``, ``--section.key=value`` (``[prune]`` include
 one line and exit with code 2.
 """
 
-from dtrain.jobs.pruning import PruneJobConfig, make_trainer, write_report
+from dtrain.jobs.prune_report import write_report
+from dtrain.jobs.pruning import PruneJobConfig, make_trainer
 from dtrain.train import Job, exit_now, main
 
 PRUNE = Job(

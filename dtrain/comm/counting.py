@@ -59,6 +59,12 @@ class CountingState:
             out["powersgd_iter"] = self.inner.iter
         return out
 
+    def reset(self) -> None:
+        """Forget what the gradients of weights now gone left behind (the weights were
+        rewound): PowerSGD's error feedback restarts at zero; the step count and totals stay."""
+        if self.name == "powersgd":
+            self.inner.error_dict.clear()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iter = int(state["iter"])
         self._total = [int(state["sent"]), int(state["dense"])]

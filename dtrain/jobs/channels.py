@@ -18,6 +18,7 @@ from dtrain.errors import UserError
 from dtrain.pruning import Disagreement, verify_identical
 from dtrain.pruning.agree import all_reduce_scores
 from dtrain.pruning.apoz import ApozImportance, count_zeros, relu_feeders
+from dtrain.pruning.recalibrate import recalibrate_batch_norms
 from dtrain.pruning.structured import (
     apply_plan,
     check_removal,
@@ -33,6 +34,7 @@ __all__ = [
     "ignored_modules",
     "prune_channels",
     "rebuild_from",
+    "recalibrate",
     "taylor_grads",
 ]
 
@@ -80,6 +82,17 @@ def taylor_grads(trainer: Trainer, batches: int) -> None:
         for g in grads:
             g.copy_(flat[pos : pos + g.numel()].view_as(g))
             pos += g.numel()
+
+
+def recalibrate(trainer: Trainer, batches: int) -> bool:
+    """Re-estimate the batch norms' statistics of the trainer's model from ``batches`` training
+    batches per rank, averaged over the ranks; False if it has no batch norm."""
+    it = trainer.train_loader.epoch_batches(0)
+    device = trainer.info.device
+    xs = (next(it)[0].to(device) for _ in range(batches))
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # dropout draws: the run's RNG stays as it was
+        return recalibrate_batch_norms(trainer.model, xs) > 0
 
 
 def apoz_importance(trainer: Trainer) -> ApozImportance:

@@ -1,33 +1,31 @@
 """The pruning job: start from a trained run, prune, fine-tune with the shared trainer, report.
 
-:class:`PruneConfig` is the job's ``[prune]`` section; :func:`make_trainer` builds a
-:class:`~dtrain.trainer.Trainer` whose model comes from ``prune.source`` and whose
+:class:`~dtrain.jobs.prune_config.PruneConfig` is the job's ``[prune]`` section;
+:func:`make_trainer` builds a :class:`~dtrain.trainer.Trainer` whose model comes from
+``prune.source`` and whose
 :class:`PruneExtension` keeps the masks: it prunes on the schedule of ``prune.method``, proves
 every rank chose the same masks before any weight changes, zeroes the pruned weights (and the
 optimizer's state for them) after every step and hands the masks to the DGC hook, which then
-never sends a pruned coordinate. :func:`write_report` measures the result.
+never sends a pruned coordinate. :func:`dtrain.jobs.prune_report.write_report` measures the
+result.
 """
 
 import copy
-import json
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dtrain.checkpoint import atomic_write_text, load_shared, restore_model
-from dtrain.config import JobConfig, _at_least, _choice, to_dict
+from dtrain.checkpoint import load_shared, restore_model
+from dtrain.config import JobConfig, to_dict
 from dtrain.data import DataInfo
 from dtrain.distributed import DistInfo
 from dtrain.errors import UserError
+from dtrain.jobs.prune_config import METHODS, PruneConfig, PruneJobConfig
 from dtrain.models import build_model
-from dtrain.models.vision import ResNet
 from dtrain.pruning import (
-    PRUNABLE,
     Disagreement,
     MaskSet,
     cubic_sparsity,
@@ -38,8 +36,8 @@ from dtrain.pruning import (
     verify_identical,
 )
 from dtrain.pruning.apoz import relu_feeders
-from dtrain.pruning.measure import latency_ms, macs, nonzero_parameters
-from dtrain.pruning.structured import CHANNEL_IMPORTANCES, GROUPS, widths
+from dtrain.pruning.measure import macs
+from dtrain.pruning.structured import widths
 from dtrain.trainer import Extension, Trainer
 
 __all__ = [
@@ -48,179 +46,10 @@ __all__ = [
     "PruneExtension",
     "PruneJobConfig",
     "make_trainer",
-    "write_report",
+    "metric_key",
 ]
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("oneshot", "gradual", "iterative", "lottery")
-REWINDS = ("auto", "none", "init", "step", "random")
-REPORT = "prune_report.json"
-PLOT = "accuracy_vs_sparsity.png"
-
-
-@dataclass
-class PruneConfig:
-    """What to prune, how and on which schedule (``dtrain.prune``)."""
-
-    SECTION: ClassVar[str] = "prune"
-
-    source: str = ""
-    """The trained model: a ``dtrain.train`` (or ``dtrain.prune``) run directory (its newest
-    complete checkpoint) or a checkpoint directory ``run_dir/checkpoints/step_XXXXXXXX``."""
-    method: str = "oneshot"
-    """``oneshot`` (prune once to ``sparsity`` before the first step, then fine-tune),
-    ``gradual`` (Zhu & Gupta's cubic schedule from ``initial_sparsity`` at ``start_step`` to
-    ``sparsity`` at ``end_step``, every ``frequency`` steps), ``iterative`` (``rounds`` equal
-    prune → fine-tune rounds, each pruning the same fraction of what remains) or ``lottery``
-    (iterative, and every round starts again from the ``rewind`` weights: Frankle & Carbin's
-    lottery ticket; set ``optim.cycles = rounds`` so that each round gets the whole schedule)."""
-    scope: str = "global"
-    """``layer`` (each layer loses ``sparsity`` of its weights) or ``global`` (the smallest
-    weights of all pruned layers together)."""
-    sparsity: float = 0.9
-    """Final fraction of the pruned layers' weights that are zero, in [0, 1)."""
-    modules: tuple[str, ...] = ("conv", "linear")
-    """Module types whose weights are pruned: ``conv``, ``linear``, ``embedding``."""
-    ignore: tuple[str, ...] = ()
-    """Layers (module names, e.g. ``fc2``) left dense."""
-    initial_sparsity: float = 0.0
-    """``gradual``: sparsity at ``start_step``."""
-    start_step: int = 0
-    """``gradual``: the first step that prunes."""
-    end_step: int = 0
-    """``gradual``: the step from which ``sparsity`` holds; 0: half of the run."""
-    frequency: int = 10
-    """``gradual``: steps between mask updates."""
-    rounds: int = 3
-    """``iterative``, ``lottery``: prune → fine-tune rounds (equal shares of the run)."""
-    rewind: str = "auto"
-    """Weights each round restarts from once pruned: ``none`` (the pruned weights fine-tuned),
-    ``init`` (the source run's initial weights, rebuilt from its seed, or kept by a prune run),
-    ``step`` (the source run's checkpoint at ``rewind_step``: late rewinding) or ``random``
-    (freshly initialised weights, another seed: the lottery ticket's control); ``auto``:
-    ``init`` for ``lottery``, else ``none``. The weights are kept in the checkpoint."""
-    rewind_step: int = 0
-    """``rewind = "step"``: the step of the source run's checkpoint to rewind to."""
-    granularity: str = "weights"
-    """``weights`` (unstructured: masks, the architecture stays) or ``channels`` (structured:
-    whole channels are removed, Torch-Pruning's dependency graph couples the layers that share
-    them; the result is a smaller dense model; ``method = "oneshot"`` or ``"iterative"``: every
-    round removes the same fraction of the channels left, and the optimizer's and DGC's momentum
-    and residuals of what remains carry over)."""
-    groups: str = "all"
-    """``channels``: which channel groups lose channels: ``all``, ``stages`` (only the channels
-    a residual add shares: each ResNet stage keeps one, smaller width, the stage-level pruning
-    of residual networks) or ``blocks`` (only the others: the channels inside each block)."""
-    importance: str = "auto"
-    """What ranks the candidates: ``magnitude`` (weights); for channels ``l1`` or ``l2`` (filter
-    norms), ``taylor`` (first-order, |w · dL/dw| from ``taylor_batches`` batches per rank,
-    all-reduced) or ``bn_scale`` (|γ|: Network Slimming, after training with
-    ``optim.bn_l1``) or ``apoz`` (the average percentage of zeros after each ReLU, counted over
-    the held-out set on all ranks and summed: the highest go first); ``auto``: ``magnitude``
-    for weights, ``l1`` for channels."""
-    round_to: int = 1
-    """``channels``: keep a multiple of this many channels per group (rounded down)."""
-    taylor_batches: int = 4
-    """``importance = "taylor"``: training batches per rank whose gradients score channels."""
-    sweep: tuple[float, ...] = ()
-    """Sparsities (channels: fractions of channels) at which the source model's one-shot
-    accuracy, without fine-tuning, is measured for the report and its plot (``sparsity`` is
-    always measured); empty: 0.5, 0.7, 0.8, 0.9, 0.95, 0.98 for weights, 0.1 to 0.6 for
-    channels."""
-
-    def __post_init__(self) -> None:
-        s = self.SECTION
-        _choice(s, "method", self.method, METHODS)
-        _choice(s, "scope", self.scope, ("layer", "global"))
-        for name in ("sparsity", "initial_sparsity"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise UserError(f"prune.{name} must be in [0, 1), got {v!r}")
-        if self.initial_sparsity > self.sparsity:
-            raise UserError(
-                f"prune.initial_sparsity = {self.initial_sparsity} is above prune.sparsity = "
-                f"{self.sparsity}: the gradual schedule only adds zeros"
-            )
-        if not self.modules:
-            raise UserError(f"prune.modules is empty: name some of {', '.join(PRUNABLE)}")
-        for m in self.modules:
-            _choice(s, "modules", m, tuple(PRUNABLE))
-        if not all(0.0 <= v < 1.0 for v in self.sweep):
-            raise UserError(f"prune.sweep must hold sparsities in [0, 1), got {self.sweep}")
-        _at_least(s, "start_step", self.start_step, 0)
-        _at_least(s, "end_step", self.end_step, 0)
-        _at_least(s, "frequency", self.frequency, 1)
-        _at_least(s, "rounds", self.rounds, 1)
-        _choice(s, "granularity", self.granularity, ("weights", "channels"))
-        _at_least(s, "round_to", self.round_to, 1)
-        _at_least(s, "taylor_batches", self.taylor_batches, 1)
-        _choice(s, "groups", self.groups, GROUPS)
-        if self.granularity == "channels":
-            _choice(s, "importance", self.importance, ("auto", *CHANNEL_IMPORTANCES))
-            if self.method not in ("oneshot", "iterative"):
-                raise UserError(
-                    f"prune.granularity = 'channels' prunes once or in rounds: set prune.method "
-                    f"= 'oneshot' or 'iterative' (got {self.method!r})"
-                )
-            if self.rewind not in ("auto", "none"):
-                raise UserError(
-                    "prune.rewind needs prune.granularity = 'weights' (rewound weights have the "
-                    "unpruned architecture)"
-                )
-        else:
-            _choice(s, "importance", self.importance, ("auto", "magnitude"))
-        _choice(s, "rewind", self.rewind, REWINDS)
-        _at_least(s, "rewind_step", self.rewind_step, 0)
-        if self.method == "lottery" and self.rewind == "none":
-            raise UserError("prune.method = 'lottery' rewinds: set prune.rewind to init or step")
-        if self.method == "gradual" and self.rewind_mode != "none":
-            raise UserError("prune.rewind needs rounds: use prune.method = lottery or iterative")
-        if (self.rewind == "step") != (self.rewind_step > 0):
-            raise UserError(
-                "prune.rewind = 'step' and prune.rewind_step > 0 go together (late rewinding "
-                "to the source run's checkpoint at that step)"
-            )
-
-    @property
-    def criterion(self) -> str:
-        """``importance`` with ``auto`` resolved."""
-        if self.importance != "auto":
-            return self.importance
-        return "l1" if self.granularity == "channels" else "magnitude"
-
-    @property
-    def sweep_points(self) -> list[float]:
-        """The sparsities of the one-shot sweep, ``sparsity`` included."""
-        default = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6) if self.granularity == "channels" else (
-            0.5, 0.7, 0.8, 0.9, 0.95, 0.98
-        )  # fmt: skip
-        return sorted({*(self.sweep or default), self.sparsity})
-
-    @property
-    def rewind_mode(self) -> str:
-        """``rewind`` with ``auto`` resolved."""
-        if self.rewind != "auto":
-            return self.rewind
-        return "init" if self.method == "lottery" else "none"
-
-
-@dataclass
-class PruneJobConfig(JobConfig):
-    """A training job's sections plus ``[prune]``; the rest configures the fine-tuning."""
-
-    prune: PruneConfig = field(default_factory=PruneConfig)
-
-    def __post_init__(self) -> None:
-        if not self.prune.source:
-            raise UserError(
-                "prune.source is required: --prune.source=RUN_DIR (a dtrain.train run "
-                "directory or one of its checkpoint directories)"
-            )
-        if not self.run.name:
-            self.run.name = f"{self.model.name}-{self.data.name}-prune-{self.prune.method}"
-        super().__post_init__()
-
 
 # ------------------------------------------------------------------------------ the source
 
@@ -411,7 +240,7 @@ class PruneExtension(Extension):
             return
         keep = {n: m.to(weights[n].device) for n, m in self.source_masks.items()}
         self.before = trainer.evaluate()
-        metric = _metric_key(self.before)
+        metric = metric_key(self.before)
         for s in self.p.sweep_points:
             masks = magnitude_masks(weights, s, scope=self.p.scope, keep=keep)
             got = _evaluate_masked(trainer, weights, masks)[metric]
@@ -434,16 +263,20 @@ class PruneExtension(Extension):
             "widths": widths(trainer.model),
         }
         self.before = trainer.evaluate()
-        metric = _metric_key(self.before)
+        metric = metric_key(self.before)
         model = trainer.model
         for s in p.sweep_points:  # one-shot, on copies, for the report's curve
             trainer.model = copy.deepcopy(model)
             try:
                 channels.prune_channels(trainer, ratio=s, rebuild=False, **self._channel_args())
-                self.sweep.append(
-                    {"sparsity": s, metric: trainer.evaluate()[metric],
-                     "macs": macs(trainer.model, one)}
-                )  # fmt: skip
+                point = {
+                    "sparsity": s, metric: trainer.evaluate()[metric],
+                    "macs": macs(trainer.model, one),
+                }  # fmt: skip
+                n = p.recalibrate_batches
+                if n and channels.recalibrate(trainer, n):
+                    point[f"{metric}_recalibrated"] = trainer.evaluate()[metric]
+                self.sweep.append(point)
             finally:
                 trainer.model = model
         self._remove_channels(trainer, self.target_at(0))
@@ -494,7 +327,7 @@ class PruneExtension(Extension):
 
     def _round_end(self, trainer: Trainer) -> dict[str, float]:
         metric = trainer.evaluate()
-        key = _metric_key(metric)
+        key = metric_key(metric)
         return {"step": trainer.step, "sparsity": self._sparsity(trainer), key: metric[key]}
 
     def _rewind(self, trainer: Trainer) -> None:
@@ -591,7 +424,8 @@ def _channels() -> Any:
     return channels
 
 
-def _metric_key(evaluated: dict[str, float]) -> str:
+def metric_key(evaluated: dict[str, float]) -> str:
+    """The metric of a model's evaluation: accuracy (classifiers) or perplexity (text)."""
     return "test_accuracy" if "test_accuracy" in evaluated else "test_perplexity"
 
 
@@ -616,120 +450,3 @@ def make_trainer(cfg: PruneJobConfig, info: DistInfo, *, check_only: bool = Fals
     return Trainer(
         cfg, info, check_only=check_only, model_source=ext.model_source, extensions=[ext]
     )
-
-
-# ------------------------------------------------------------------------------ the report
-
-
-def write_report(trainer: Trainer, summary: dict[str, Any]) -> None:
-    """Measure the pruned model and write ``prune_report.json`` and ``accuracy_vs_sparsity.png``
-    into the run directory (rank 0); adds the headline figures to ``summary``."""
-    ext = next(e for e in trainer.extensions if isinstance(e, PruneExtension))
-    assert ext.masks is not None
-    metric = _metric_key(summary)
-    counts = ext.masks.counts()
-    channels = ext.p.granularity == "channels"
-    params = sum(p.numel() for p in trainer.model.parameters())
-    if channels:  # the fraction of the parameters removed
-        summary["sparsity"] = 1.0 - params / ext.dense["parameters"]
-    else:
-        kept = sum(k for k, _ in counts.values())
-        summary["sparsity"] = 1.0 - kept / sum(n for _, n in counts.values())
-    summary[f"{metric}_before"] = ext.before[metric]
-    pruned = next(x[metric] for x in ext.sweep if x["sparsity"] == ext.p.sparsity)
-    summary[f"{metric}_pruned"] = pruned
-    if not trainer.info.is_main:
-        return
-    model = trainer.model
-    x = trainer.data.x_test
-    one, batch = x[:1].to(trainer.info.device), _batch_of(x, 64).to(trainer.info.device)
-    steps = max(int(summary["steps"]), 1)
-    stats = trainer.hook_state.stats()  # DGC: pairs with and without the masks
-    report: dict[str, Any] = {
-        "source": ext.source_path,
-        "method": ext.p.method,
-        "granularity": ext.p.granularity,
-        "importance": ext.p.criterion,
-        "scope": ext.p.scope,
-        "ratio": ext.p.sparsity,
-        "metric": metric.removeprefix("test_"),
-        f"{metric}_before": ext.before[metric],
-        f"{metric}_pruned": pruned,
-        f"{metric}_final": summary[metric],
-        "sparsity": summary["sparsity"],
-        "layers": {
-            n.removesuffix(".weight"): {"kept": k, "numel": c, "sparsity": 1.0 - k / c}
-            for n, (k, c) in counts.items()
-        },
-        "parameters": params,
-        "nonzero_parameters": nonzero_parameters(model),
-        "macs": macs(model, one),
-        "nonzero_macs": macs(model, one, keep=ext.masks.keep),
-        "latency_ms_batch1": latency_ms(model, one),
-        "latency_ms_batch64": latency_ms(model, batch, repeats=10),
-        "latency_threads": torch.get_num_threads(),
-        "hook": trainer.cfg.comm.hook,
-        "bytes_last_step": stats["bytes_sent"],
-        "bytes_per_step": summary["bytes_sent_total"] / steps,
-        "dense_bytes_per_step": summary["dense_bytes_total"] / steps,
-        "steps": summary["steps"],
-        "sweep": [dict(x) for x in ext.sweep],
-        "rewind": ext.p.rewind_mode,
-        "rounds": [*ext.rounds, {"step": summary["steps"], "sparsity": summary["sparsity"],
-                                  metric: summary[metric]}],
-    }  # fmt: skip
-    if channels:
-        report["parameters_before"] = ext.dense["parameters"]
-        report["macs_before"] = ext.dense["macs"]
-        report["widths_before"] = ext.dense["widths"]
-        dense = build_model(trainer.cfg.model, trainer.data.info).to(trainer.info.device)
-        report["widths"] = widths(model)
-        if isinstance(model, ResNet) and isinstance(dense, ResNet):  # per stage: shared, inside
-            report["stage_widths_before"] = dense.stage_widths()
-            report["stage_widths"] = model.stage_widths()
-        report["latency_ms_batch1_before"] = latency_ms(dense, one)  # the unpruned shape
-        report["latency_ms_batch64_before"] = latency_ms(dense, batch, repeats=10)
-    if "pairs_sent" in stats:
-        report["pairs_last_step"] = stats["pairs_sent"]
-        report["pairs_last_step_unmasked"] = stats["pairs_unmasked"]
-    run_dir = trainer.run_dir
-    atomic_write_text(run_dir / REPORT, json.dumps(report, indent=2) + "\n")
-    _plot(run_dir / PLOT, report, metric)
-    logger.info("pruning report: %s", run_dir / REPORT)
-
-
-def _batch_of(x: Tensor, n: int) -> Tensor:
-    reps = math.ceil(n / x.shape[0])
-    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n] if reps > 1 else x[:n]
-
-
-def _plot(path: Path, report: dict[str, Any], metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    name = report["metric"]
-    channels = report["granularity"] == "channels"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    key = "macs" if channels else "sparsity"
-    xs = [r[key] / (1e6 if channels else 1) for r in report["sweep"]]
-    label = f"one-shot, {report['importance']}, {report['scope']}"
-    ax.plot(xs, [r[metric] for r in report["sweep"]], "o-", label=label)
-    ax.axhline(report[f"{metric}_before"], color="gray", ls="--", label="before pruning")
-    x = report["macs"] / 1e6 if channels else report["sparsity"]
-    ax.plot(
-        [x], [report[f"{metric}_final"]], "r*", ms=14,
-        label=f"{report['method']}, fine-tuned ({report['hook']})",
-    )  # fmt: skip
-    if channels:
-        ax.axvline(report["macs_before"] / 1e6, color="gray", ls=":", label="MACs before")
-    ax.set_xlabel("MACs per image (millions)" if channels else "sparsity of the pruned layers")
-    ax.set_ylabel(f"test {name}" + (" (%)" if name == "accuracy" else ""))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)

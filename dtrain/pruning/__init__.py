@@ -11,9 +11,11 @@ modules and tensors and returns masks, schedules and measurements.
   optimizer state zero after every step), saved as plain tensors.
 - :mod:`~dtrain.pruning.agree`: a digest of each mask compared across ranks with an all-reduce;
   all-reduced scores for data-dependent criteria.
-- :mod:`~dtrain.pruning.structured`: channel plans on Torch-Pruning's dependency graph, their
-  removal, the zeroed-channel check, rebuilding from the pruning history.
+- :mod:`~dtrain.pruning.structured`: channel plans on Torch-Pruning's dependency graph (all,
+  stage-level or inside-block groups), their removal, the zeroed-channel check, rebuilding from
+  the pruning history, where each remaining entry was.
 - :mod:`~dtrain.pruning.apoz`: the average percentage of zeros after each ReLU.
+- :mod:`~dtrain.pruning.recalibrate`: batch-norm statistics re-estimated after a removal.
 - :mod:`~dtrain.pruning.measure`: parameters, MACs (PyTorch's flop counter), CPU latency.
 """
 

@@ -11,7 +11,8 @@ from dtrain.comm import DGCState, dgc_hook, sparsify
 from dtrain.comm.hierarchical import HierarchicalDGCState, hierarchical_dgc_hook
 from dtrain.config import load_config
 from dtrain.distributed import DistInfo
-from dtrain.jobs.pruning import PruneJobConfig, make_trainer, write_report
+from dtrain.jobs.prune_report import write_report
+from dtrain.jobs.pruning import PruneJobConfig, make_trainer
 from dtrain.pruning import Disagreement, digest, verify_identical
 from dtrain.trainer import Trainer
 from tests.distributed.harness import outcome, run_ranks
@@ -499,6 +500,10 @@ def test_stage_level_pruning_gives_each_resnet_stage_one_smaller_width(source):
     widths = [(s["width"], s["inside"]) for s in report["stage_widths"]]
     assert widths == [(2, [4, 4, 4]), (4, [8, 8, 8]), (8, [16, 16, 16])]
     assert [s["width"] for s in report["stage_widths_before"]] == [4, 8, 16]
+    # the one-shot model again with re-estimated batch-norm statistics, the same on each rank
+    key = "test_accuracy_pruned_recalibrated"
+    assert a["summary"][key] == b["summary"][key] == report[key] is not None
+    assert all("test_accuracy_recalibrated" in x for x in report["sweep"])
 
 
 def _resnet_source(rank, world, out_dir):

@@ -121,3 +121,16 @@ def test_powersgd_restarts_its_memories_after_allreduce_steps_on_resume():
     saved.inner.iter = 5  # saved before compression started: the schedule stays
     early.load_state_dict(saved.state_dict())
     assert (early.inner.iter, early.inner.start_powerSGD_iter) == (5, 10)
+
+
+def test_powersgd_error_feedback_restarts_when_the_weights_are_rewound():
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    from dtrain.comm.counting import counted
+
+    inner = powerSGD_hook.PowerSGDState(None, start_powerSGD_iter=2)
+    state = counted("powersgd", inner, powerSGD_hook.powerSGD_hook)[0]
+    inner.error_dict[0] = torch.ones(8)
+    state.iter = 7
+    state.reset()  # what the pruning job calls at a rewind
+    assert inner.error_dict == {} and state.iter == 7
