@@ -254,7 +254,8 @@ def check_removal(
                 if m.bias is not None:
                     m.bias[at] = 0
             elif out and isinstance(m, ZeroPadShortcut):
-                _place(m, [(s, d) for s, d in _pairs(m) if d not in set(idxs)])
+                gone = set(idxs)
+                _place(m, [(s, d) for s, d in _pairs(m) if d not in gone])
     was = pruned.training
     pruned.eval()
     diff = float((pruned(example) - ref(example)).abs().max())
