@@ -505,6 +505,11 @@ def architecture(shared: dict[str, Any]) -> list[Any]:
                 .get("history") or [])  # fmt: skip
 
 
+TRAINING_ONLY = "distill_adapters"
+"""A model's submodule that only its training job uses (the distillation adapters): its weights
+are saved with the model and left out when another job restores it."""
+
+
 def restore_model(
     model: Any, shared: dict[str, Any], *, what: str, example_shape: tuple[int, ...]
 ) -> Any:
@@ -523,8 +528,12 @@ def restore_model(
                               else torch.float32)  # fmt: skip
         rebuild(model, history, example)
     setattr(model, "pruning_history", list(history))  # noqa: B010 (saved with its checkpoints)
-    state = shared.get("model", {})
     own = model.state_dict()
+    state = {  # a distilled student's adapters train with it and stay behind
+        k: v
+        for k, v in shared.get("model", {}).items()
+        if k in own or not k.startswith(f"{TRAINING_ONLY}.")
+    }
     problem = ""
     for k in own:
         if k not in state:

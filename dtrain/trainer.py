@@ -139,6 +139,15 @@ class Extension:
     def after_step(self, trainer: "Trainer") -> None:
         """After each optimizer step; ``trainer.step`` counts the steps taken."""
 
+    def loss(
+        self, trainer: "Trainer", x: torch.Tensor, out: torch.Tensor, y: torch.Tensor,
+        loss: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The training loss of one micro-batch (inputs ``x``, the DDP model's output ``out``,
+        labels ``y``), given ``loss``, the cross-entropy (or the previous extension's): what is
+        back-propagated (e.g. a distillation loss). The logged loss stays the cross-entropy."""
+        return loss
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values saved with every checkpoint."""
         return {}
@@ -521,7 +530,10 @@ class Trainer:
                 with self._autocast():
                     out = self.ddp(x)
                 loss, correct, count = self._loss(out, y)
-                scaled = loss / accum
+                train_loss = loss
+                for e in self.extensions:
+                    train_loss = e.loss(self, x, out, y, train_loss)
+                scaled = train_loss / accum
                 if self.cfg.optim.bn_l1 > 0:  # Network Slimming's sparsity on BN scales
                     l1 = torch.stack([g.abs().sum() for g in self.bn_scales]).sum()
                     scaled = scaled + self.cfg.optim.bn_l1 * l1 / accum

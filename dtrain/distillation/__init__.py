@@ -7,6 +7,13 @@
 """
 
 from dtrain.distillation.features import FeatureTaps, closest_name, make_adapter
-from dtrain.distillation.losses import feature_loss, kd_loss
+from dtrain.distillation.losses import feature_loss, kd_loss, soft_loss
 
-__all__ = ["FeatureTaps", "closest_name", "feature_loss", "kd_loss", "make_adapter"]
+__all__ = [
+    "FeatureTaps",
+    "closest_name",
+    "feature_loss",
+    "kd_loss",
+    "make_adapter",
+    "soft_loss",
+]

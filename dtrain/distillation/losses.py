@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["feature_loss", "kd_loss"]
+__all__ = ["feature_loss", "kd_loss", "soft_loss"]
 
 
 def kd_loss(
@@ -44,15 +44,23 @@ def kd_loss(
     if alpha < 1.0:
         loss = loss + (1.0 - alpha) * F.cross_entropy(s.float(), target.reshape(-1))
     if alpha > 0.0:
-        t = teacher.detach().reshape(-1, classes).float()
-        soft = F.kl_div(
-            F.log_softmax(s.float() / temperature, dim=-1),
-            F.log_softmax(t / temperature, dim=-1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        loss = loss + alpha * temperature**2 * soft
+        loss = loss + alpha * soft_loss(student, teacher, temperature=temperature)
     return loss
+
+
+def soft_loss(student: Tensor, teacher: Tensor, *, temperature: float) -> Tensor:
+    """The soft term of :func:`kd_loss` alone: ``T²·KL(softmax(t/T) ‖ softmax(s/T))``, the mean
+    over examples (tokens); in float32 whatever the logits' precision."""
+    classes = student.shape[-1]
+    s = student.reshape(-1, classes).float()
+    t = teacher.detach().reshape(-1, classes).float()
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, dim=-1),
+        F.log_softmax(t / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return temperature**2 * kl
 
 
 def feature_loss(

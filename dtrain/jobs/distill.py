@@ -1,0 +1,222 @@
+"""The distillation job: a frozen teacher's outputs train a student with the shared trainer.
+
+:class:`DistillConfig` is the job's ``[distill]`` section; :func:`make_trainer` builds a
+:class:`~dtrain.trainer.Trainer` whose model is the student (``[model]``, optionally
+``model.init_from`` a pruned run) and whose :class:`DistillExtension` loads the teacher from
+``distill.teacher`` on every rank (eval mode, no gradients, never in DDP) and replaces the
+training loss by Hinton et al.'s, plus FitNets' hint loss on named feature pairs through learned
+adapters. The adapters are a submodule of the student (``distill_adapters``), so DDP reduces their
+gradients and every checkpoint keeps them; a later job restoring the student leaves them out.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dtrain.checkpoint import TRAINING_ONLY, load_shared, restore_model
+from dtrain.config import JobConfig, ModelConfig
+from dtrain.data import DataInfo
+from dtrain.distillation import FeatureTaps, feature_loss, make_adapter, soft_loss
+from dtrain.distributed import DistInfo
+from dtrain.errors import UserError
+from dtrain.models import build_model
+from dtrain.trainer import Extension, Trainer, initial_model
+
+__all__ = ["DistillConfig", "DistillExtension", "DistillJobConfig", "make_trainer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    """The teacher and the distillation loss (``dtrain.distill``)."""
+
+    SECTION: ClassVar[str] = "distill"
+
+    teacher: str = ""
+    """The teacher: a ``dtrain.train`` or ``dtrain.prune`` run directory (its newest complete
+    checkpoint) or checkpoint directory; its model is rebuilt from the config saved there."""
+    temperature: float = 4.0
+    """T > 0: the soft targets are softmax(teacher logits / T)."""
+    alpha: float = 0.9
+    """Weight of the soft term in [0, 1]: ``(1 − α)·CE + α·T²·KL`` (0: the student alone)."""
+    features: tuple[str, ...] = ()
+    """Feature pairs ``"student_layer:teacher_layer"`` (module names, e.g. ``conv2:conv2``)
+    matched with the mean squared error through a learned adapter where shapes differ."""
+    feature_weight: float = 1.0
+    """Weight of each feature pair's hint loss."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise UserError(f"distill.temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"distill.alpha must be in [0, 1], got {self.alpha!r}")
+        if not self.feature_weight >= 0:
+            raise UserError(f"distill.feature_weight must be >= 0, got {self.feature_weight!r}")
+        for pair in self.features:
+            if pair.count(":") != 1 or not all(pair.split(":")):
+                raise UserError(f"distill.features: {pair!r} is not 'student_layer:teacher_layer'")
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(p.split(":")[0], p.split(":")[1]) for p in self.features]
+
+
+@dataclass
+class DistillJobConfig(JobConfig):
+    """A training job's sections (the student's) plus ``[distill]``."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        if not self.distill.teacher:
+            raise UserError(
+                "distill.teacher is required: --distill.teacher=RUN_DIR (a dtrain.train or "
+                "dtrain.prune run directory or one of its checkpoint directories)"
+            )
+        if not self.run.name:
+            self.run.name = f"{self.model.name}-{self.data.name}-distill"
+        super().__post_init__()
+
+
+def _example(info: DataInfo) -> Tensor:
+    shape = info.in_shape
+    if len(shape) == 1:  # token ids
+        return torch.zeros(2, *shape, dtype=torch.long)
+    return torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+
+
+class DistillExtension(Extension):
+    """The teacher and the distillation loss of one job (see the module docstring)."""
+
+    name = "distill"
+
+    def __init__(self, cfg: DistillJobConfig) -> None:
+        self.cfg = cfg
+        self.d = cfg.distill
+        self.teacher: nn.Module | None = None
+        self.teacher_path = self.teacher_name = ""
+        self.student_taps: FeatureTaps | None = None
+        self.teacher_taps: FeatureTaps | None = None
+
+    # ---------------------------------------------------------------- input (every rank)
+    def model_source(self, cfg: JobConfig, info: DataInfo) -> nn.Module:
+        """The student (as ``dtrain.train`` builds it), with the adapters of the feature pairs;
+        loads the teacher."""
+        student = initial_model(cfg, info)
+        self.teacher = teacher = self._load_teacher(info)
+        x = _example(info)
+        with torch.no_grad():
+            t_out, s_out = teacher(x), student.eval()(x)
+        student.train()
+        if t_out.shape != s_out.shape:
+            raise UserError(
+                f"the teacher's outputs ({list(t_out.shape)[1:]}) and the student's "
+                f"({list(s_out.shape)[1:]}) differ: distill between models of the same classes "
+                f"or vocabulary"
+            )
+        if self.d.pairs:
+            student.add_module(TRAINING_ONLY, self._adapters(student, teacher, x))
+        return student
+
+    def _load_teacher(self, info: DataInfo) -> nn.Module:
+        try:
+            ckpt, shared = load_shared(self.d.teacher)
+        except UserError as e:
+            raise UserError(f"distill.teacher: {e}") from None
+        saved = dict(shared.get("config", {}).get("model", {}))
+        saved.pop("init_from", None)
+        known = {f for f in ModelConfig.__dataclass_fields__}
+        mcfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+        with torch.random.fork_rng():  # the student's initialisation stays the seed's
+            model = build_model(mcfg, info)
+        teacher = restore_model(
+            model, shared, what=f"distill.teacher {ckpt}", example_shape=info.in_shape
+        )
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher_path = str(ckpt)
+        self.teacher_name = mcfg.name
+        return teacher
+
+    def _adapters(self, student: nn.Module, teacher: nn.Module, x: Tensor) -> nn.ModuleDict:
+        s_names, t_names = [s for s, _ in self.d.pairs], [t for _, t in self.d.pairs]
+        try:
+            s_taps = FeatureTaps(student, s_names)
+        except KeyError as e:
+            raise UserError(f"distill.features: the student has {e.args[0]}") from None
+        try:
+            t_taps = FeatureTaps(teacher, t_names)
+        except KeyError as e:
+            s_taps.close()
+            raise UserError(f"distill.features: the teacher has {e.args[0]}") from None
+        try:
+            with torch.no_grad():
+                student.eval()(x)
+                teacher(x)
+            adapters = nn.ModuleDict()
+            for s, t in self.d.pairs:
+                s_shape, t_shape = s_taps.outputs[s].shape, t_taps.outputs[t].shape
+                try:
+                    adapters[s.replace(".", "_")] = make_adapter(tuple(s_shape), tuple(t_shape))
+                except ValueError as e:
+                    raise UserError(f"distill.features {s}:{t}: {e}") from None
+        finally:
+            student.train()
+            s_taps.close()
+            t_taps.close()
+        return adapters
+
+    # ---------------------------------------------------------------- training (every rank)
+    def on_start(self, trainer: Trainer) -> None:
+        assert self.teacher is not None
+        self.teacher.to(trainer.info.device)
+        if trainer.info.is_main:
+            logger.info(
+                "teacher %s (%s parameters, frozen, not in DDP) from %s", self.teacher_name,
+                f"{sum(p.numel() for p in self.teacher.parameters()):,}", self.teacher_path,
+            )  # fmt: skip
+        if self.d.pairs:
+            self.student_taps = FeatureTaps(trainer.model, [s for s, _ in self.d.pairs])
+            self.teacher_taps = FeatureTaps(self.teacher, [t for _, t in self.d.pairs])
+
+    def loss(self, trainer: Trainer, x: Tensor, out: Tensor, y: Tensor, loss: Tensor) -> Tensor:
+        assert self.teacher is not None
+        d = self.d
+        with torch.no_grad(), trainer._autocast():
+            t_out = self.teacher(x)
+        total = (1.0 - d.alpha) * loss
+        if d.alpha > 0:
+            total = total + d.alpha * soft_loss(out, t_out, temperature=d.temperature)
+        if d.pairs and d.feature_weight > 0:
+            assert self.student_taps is not None and self.teacher_taps is not None
+            adapters = getattr(trainer.model, TRAINING_ONLY)
+            pairs = [(s, t, d.feature_weight) for s, t in d.pairs]
+            by_name = {s: adapters[s.replace(".", "_")] for s, _ in d.pairs}
+            total = total + feature_loss(
+                self.student_taps.outputs, self.teacher_taps.outputs, pairs, by_name
+            )
+        return total
+
+    # ---------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher_path, "distill": dict(vars(self.d))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["teacher"] != self.teacher_path:
+            raise UserError(
+                f"the checkpoint was distilled from {state['teacher']}, this job's teacher is "
+                f"{self.teacher_path}: resume with the same distill.teacher"
+            )
+
+
+def make_trainer(cfg: DistillJobConfig, info: DistInfo, *, check_only: bool = False) -> Trainer:
+    """The shared trainer with the distillation job's student and extension."""
+    ext = DistillExtension(cfg)
+    return Trainer(
+        cfg, info, check_only=check_only, model_source=ext.model_source, extensions=[ext]
+    )
