@@ -44,6 +44,7 @@ from dtrain.errors import UserError
 __all__ = [
     "COMPATIBLE_KEYS",
     "Checkpointer",
+    "atomic_torch_save",
     "atomic_write_text",
     "check_compatible",
     "find_checkpoint",
@@ -130,6 +131,14 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def _save_tensor_file(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_torch_save(path: Path | str, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` so that readers see the old file or the whole new one
+    (its directory must exist)."""
+    path = Path(path)
+    _save_tensor_file(path, obj)
+    _fsync_dir(path.parent)
 
 
 def _load_tensor_file(path: Path) -> Any:

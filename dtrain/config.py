@@ -163,6 +163,9 @@ class DataConfig:
     image_size: int = 0
     """``digits``: resize the 8x8 images to this size (bilinear; 32 for the residual networks,
     as CIFAR's); 0: 8x8."""
+    train_samples: int = 0
+    """Train on the first N training samples only (sequences for ``text``): a fixed subset, the
+    same for every seed, e.g. to study a small-data regime; 0: all of them."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -177,6 +180,7 @@ class DataConfig:
                 f"data.synthetic_shape must be positive sizes, got {self.synthetic_shape}"
             )
         _at_least(s, "image_size", self.image_size, 0)
+        _at_least(s, "train_samples", self.train_samples, 0)
         if self.image_size and self.name != "digits":
             raise UserError(
                 f"data.image_size applies to data.name = 'digits' only: set it to 0 for "

@@ -131,6 +131,15 @@ def load_data(cfg: DataConfig, *, seed: int) -> Datasets:
     else:  # DataConfig validates the name
         raise ValueError(f"unknown data set {cfg.name!r}")
     data.info.name = cfg.name
+    if cfg.train_samples:
+        if cfg.train_samples > data.info.train_size:
+            raise UserError(
+                f"data.train_samples = {cfg.train_samples} exceeds the {data.info.train_size} "
+                f"training samples of {cfg.name}: lower it, or 0 for all"
+            )
+        data.x_train = data.x_train[: cfg.train_samples]
+        data.y_train = data.y_train[: cfg.train_samples]
+        data.info.train_size = cfg.train_samples
     logger.debug(
         "data %s: %d train / %d test, input %s, %d %s",
         cfg.name,
@@ -461,12 +470,15 @@ class ShardedLoader:
         self._sampler.set_epoch(epoch)
         return torch.tensor(list(self._sampler), dtype=torch.long)
 
-    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch_batches(
+        self, epoch: int, start: int = 0, *, indices: bool = False
+    ) -> Iterator[tuple[Tensor, ...]]:
         """Yield ``(xb, yb)`` for batches ``start, start + 1, ...`` of ``epoch``.
 
         Args:
             epoch: epoch number (selects the permutation).
             start: first batch to yield; earlier ones are skipped without being built.
+            indices: yield ``(xb, yb, sel)`` with ``sel`` the rows of ``x`` in the batch.
         """
         idx = self.epoch_indices(epoch)
         for b in range(start, len(self)):
@@ -475,7 +487,7 @@ class ShardedLoader:
             if self.augment is not None:
                 g = torch.Generator().manual_seed(_batch_seed(self.seed, epoch, self.rank, b))
                 xb = self.augment(xb, g)
-            yield xb, yb
+            yield (xb, yb, sel) if indices else (xb, yb)
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield this rank's exact shard ``x[rank::world_size]`` in batches, unaugmented.

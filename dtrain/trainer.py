@@ -144,7 +144,8 @@ class Extension:
         loss: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
         """The training loss of one micro-batch (inputs ``x``, the DDP model's output ``out``,
-        labels ``y``), given ``loss``, the cross-entropy (or the previous extension's): what is
+        labels ``y``; ``trainer.batch_indices``: their rows in ``trainer.data.x_train``, on the
+        CPU), given ``loss``, the cross-entropy (or the previous extension's): what is
         back-propagated (e.g. a distillation loss). The logged loss stays the cross-entropy."""
         return loss
 
@@ -300,6 +301,7 @@ class Trainer:
         self.model = model
         self.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
         self.step = 0
+        self.batch_indices: torch.Tensor | None = None  # the micro-batch's rows (extensions)
         self.step_lr = 0.0  # the learning rate of the last step taken
         self._wire()
         if self.resumed:
@@ -461,6 +463,9 @@ class Trainer:
             "extensions": {e.name: e.state_dict() for e in self.extensions},
             # a channel-pruned architecture: how to rebuild it (checkpoint.restore_model)
             "architecture": list(getattr(self.model, "pruning_history", [])),
+            # what another job (a distillation's teacher) checks against its data
+            "num_classes": self.data.info.num_classes,
+            "vocab": self.data.vocab,  # a text model's characters
         }
         mine = {"hook": self.hook_state.state_dict(), "rng": rng_state()}
         self.checkpointer.save(self.step, shared, mine)
@@ -523,7 +528,7 @@ class Trainer:
         accum = self.cfg.run.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         for i in range(accum):
-            x, y = next(batches)
+            x, y, self.batch_indices = next(batches)
             x, y = x.to(self.info.device), y.to(self.info.device)
             sync = contextlib.nullcontext() if i == accum - 1 else self.ddp.no_sync()
             with sync:
@@ -643,7 +648,9 @@ class Trainer:
         with metrics:
             while self.step < self.total_steps:
                 epoch, pos = divmod(self.step, spe)
-                batches = self.train_loader.epoch_batches(epoch, start=pos * cfg.run.grad_accum)
+                batches = self.train_loader.epoch_batches(
+                    epoch, start=pos * cfg.run.grad_accum, indices=True
+                )
                 for _ in range(pos, spe):
                     if self.step >= self.total_steps:
                         break

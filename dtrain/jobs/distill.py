@@ -7,10 +7,16 @@
 training loss by Hinton et al.'s, plus FitNets' hint loss on named feature pairs through learned
 adapters. The adapters are a submodule of the student (``distill_adapters``), so DDP reduces their
 gradients and every checkpoint keeps them; a later job restoring the student leaves them out.
+With ``distill.cache`` the teacher runs once over the (unaugmented) training set at the first
+step (:mod:`dtrain.distillation.cache`: a shard per rank, saved with its key, gathered into one
+table) and every step reads its rows of the table instead.
 """
 
 import logging
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +26,7 @@ from dtrain.checkpoint import TRAINING_ONLY, load_shared, restore_model
 from dtrain.config import JobConfig, ModelConfig
 from dtrain.data import DataInfo
 from dtrain.distillation import FeatureTaps, feature_loss, make_adapter, soft_loss
+from dtrain.distillation.cache import build_table, cache_key, check_shard, shard_file
 from dtrain.distributed import DistInfo
 from dtrain.errors import UserError
 from dtrain.models import build_model
@@ -48,6 +55,15 @@ class DistillConfig:
     matched with the mean squared error through a learned adapter where shapes differ."""
     feature_weight: float = 1.0
     """Weight of each feature pair's hint loss."""
+    cache: bool = False
+    """Compute the teacher's logits for the whole training set once (each rank a shard, saved,
+    then gathered on every rank) and read them back in every step: no teacher forward after
+    that. Fixed inputs only (no augmentation) and logit KD only (feature hints need the
+    teacher's forward). Memory: samples x outputs x 4 bytes on every rank's device."""
+    cache_dir: str = ""
+    """Where the cache's shards are kept; default ``teacher_cache/`` in the run directory,
+    rebuilt when the teacher or the data changed. A directory given here can be shared by
+    several students of one teacher; a stale one is an error (delete it to rebuild)."""
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -59,6 +75,13 @@ class DistillConfig:
         for pair in self.features:
             if pair.count(":") != 1 or not all(pair.split(":")):
                 raise UserError(f"distill.features: {pair!r} is not 'student_layer:teacher_layer'")
+        if self.cache and self.features:
+            raise UserError(
+                "distill.cache keeps the teacher's logits only, and distill.features needs its "
+                "intermediate features every step: drop one of them"
+            )
+        if self.cache_dir and not self.cache:
+            raise UserError("distill.cache_dir is set but distill.cache is false: set both")
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -76,6 +99,11 @@ class DistillJobConfig(JobConfig):
             raise UserError(
                 "distill.teacher is required: --distill.teacher=RUN_DIR (a dtrain.train or "
                 "dtrain.prune run directory or one of its checkpoint directories)"
+            )
+        if self.distill.cache and self.data.name == "cifar10" and self.data.augment:
+            raise UserError(
+                "distill.cache needs fixed training inputs, and data.augment = true crops and "
+                "flips them every epoch: set data.augment=false, or distill.cache=false"
             )
         if not self.run.name:
             self.run.name = f"{self.model.name}-{self.data.name}-distill"
@@ -99,8 +127,12 @@ class DistillExtension(Extension):
         self.d = cfg.distill
         self.teacher: nn.Module | None = None
         self.teacher_path = self.teacher_name = ""
+        self.teacher_vocab: str | None = None
         self.student_taps: FeatureTaps | None = None
         self.teacher_taps: FeatureTaps | None = None
+        self.cache_key: dict[str, Any] = {}
+        self.cache_reuse = False
+        self.table: Tensor | None = None  # the cached teacher outputs, one row per sample
 
     # ---------------------------------------------------------------- input (every rank)
     def model_source(self, cfg: JobConfig, info: DataInfo) -> nn.Module:
@@ -127,6 +159,13 @@ class DistillExtension(Extension):
             ckpt, shared = load_shared(self.d.teacher)
         except UserError as e:
             raise UserError(f"distill.teacher: {e}") from None
+        classes = shared.get("num_classes", info.num_classes)
+        if classes != info.num_classes:
+            kind = "characters" if info.kind == "lm" else "classes"
+            raise UserError(
+                f"distill.teacher {ckpt} predicts {classes} {kind}, the student's data has "
+                f"{info.num_classes}: distill between models of the same classes or vocabulary"
+            )
         saved = dict(shared.get("config", {}).get("model", {}))
         saved.pop("init_from", None)
         known = {f for f in ModelConfig.__dataclass_fields__}
@@ -141,6 +180,7 @@ class DistillExtension(Extension):
             p.requires_grad_(False)
         self.teacher_path = str(ckpt)
         self.teacher_name = mcfg.name
+        self.teacher_vocab = shared.get("vocab")
         return teacher
 
     def _adapters(self, student: nn.Module, teacher: nn.Module, x: Tensor) -> nn.ModuleDict:
@@ -171,6 +211,78 @@ class DistillExtension(Extension):
             t_taps.close()
         return adapters
 
+    def check(self, trainer: Trainer, model: nn.Module) -> None:
+        """The teacher's vocabulary against the student's data; the cache's inputs and shard."""
+        vocab = trainer.data.vocab
+        if self.teacher_vocab and vocab and self.teacher_vocab != vocab:
+            extra = sorted(set(vocab) - set(self.teacher_vocab))[:5]
+            raise UserError(
+                f"distill.teacher {self.teacher_path} was trained on another vocabulary "
+                f"({len(self.teacher_vocab)} characters, this data has {len(vocab)}"
+                f"{', e.g. new: ' + repr(''.join(extra)) if extra else ''}): distill on the "
+                f"text the teacher was trained on"
+            )
+        if self.d.cache:
+            self._check_cache(trainer)
+
+    def cache_dir(self, trainer: Trainer) -> Path:
+        return Path(self.d.cache_dir) if self.d.cache_dir else trainer.run_dir / "teacher_cache"
+
+    def _check_cache(self, trainer: Trainer) -> None:
+        if trainer.data.augment is not None:
+            raise UserError(
+                "distill.cache needs fixed training inputs, and this data is augmented every "
+                "epoch: set data.augment=false, or distill.cache=false"
+            )
+        assert self.teacher is not None
+        info = trainer.info
+        self.cache_key = cache_key(
+            teacher=self.teacher.state_dict(), x=trainer.data.x_train,
+            precision=trainer.cfg.run.precision, rank=info.rank, world_size=info.world_size,
+        )  # fmt: skip
+        path = shard_file(self.cache_dir(trainer), info.rank, info.world_size)
+        why = check_shard(path, self.cache_key)
+        if why is not None and why != "missing" and self.d.cache_dir:
+            raise UserError(
+                f"distill.cache_dir: {path} is stale ({why}): delete {self.d.cache_dir} to "
+                f"rebuild it, or choose another distill.cache_dir"
+            )
+        if why not in (None, "missing"):
+            logger.info("teacher cache %s is stale (%s): rebuilding it", path, why)
+        self.cache_reuse = why is None
+
+    def _build_cache(self, trainer: Trainer) -> Tensor:
+        assert self.teacher is not None
+        teacher, info = self.teacher, trainer.info
+        x = trainer.data.x_train
+
+        def forward(xb: Tensor) -> Tensor:
+            with torch.no_grad(), trainer._autocast():
+                return teacher(xb)
+
+        def progress(r: Any) -> Any:
+            if not (info.is_main and trainer.cfg.logging.progress and sys.stderr.isatty()):
+                return r
+            from tqdm import tqdm
+
+            return tqdm(r, desc="teacher cache", unit="batch", leave=False)
+
+        start = time.perf_counter()
+        table = build_table(
+            forward, x, key=self.cache_key, directory=self.cache_dir(trainer),
+            rank=info.rank, world_size=info.world_size,
+            batch_size=trainer.cfg.data.eval_batch_size, device=info.device,
+            reuse=self.cache_reuse, progress=progress,
+        )  # fmt: skip
+        if info.is_main:
+            logger.info(
+                "teacher cache: %s outputs of %s, %.1f MB per rank, %s in %.1f s (%s)",
+                f"{len(table):,}", list(table.shape[1:]), table.numel() * 4 / 1e6,
+                "read back" if self.cache_reuse else "computed", time.perf_counter() - start,
+                self.cache_dir(trainer),
+            )  # fmt: skip
+        return table
+
     # ---------------------------------------------------------------- training (every rank)
     def on_start(self, trainer: Trainer) -> None:
         assert self.teacher is not None
@@ -187,8 +299,14 @@ class DistillExtension(Extension):
     def loss(self, trainer: Trainer, x: Tensor, out: Tensor, y: Tensor, loss: Tensor) -> Tensor:
         assert self.teacher is not None
         d = self.d
-        with torch.no_grad(), trainer._autocast():
-            t_out = self.teacher(x)
+        if d.cache:
+            if self.table is None:  # built at the first step: the run directory exists now
+                self.table = self._build_cache(trainer)
+            assert trainer.batch_indices is not None
+            t_out = self.table[trainer.batch_indices.to(self.table.device)]
+        else:
+            with torch.no_grad(), trainer._autocast():
+                t_out = self.teacher(x)
         total = (1.0 - d.alpha) * loss
         if d.alpha > 0:
             total = total + d.alpha * soft_loss(out, t_out, temperature=d.temperature)

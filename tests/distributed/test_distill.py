@@ -47,6 +47,8 @@ def _distill(rank, world, out_dir, args):
     trainer = make_trainer(cfg, _info(rank, world))
     ext = trainer.extensions[0]
     teacher = ext.teacher
+    forwards = []  # the batch size of every teacher forward
+    teacher.register_forward_hook(lambda m, args, out: forwards.append(len(args[0])))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     adapters = {
         k: v.clone()
@@ -71,6 +73,9 @@ def _distill(rank, world, out_dir, args):
         ),
         "adapters_before": adapters,
         "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "forwards": list(forwards),  # (before the reference forward below)
+        "table": ext.table,
+        "reference": teacher(trainer.data.x_train).detach() if ext.d.cache else None,
     }
     trainer.close()
     return out
@@ -146,3 +151,50 @@ def test_a_resumed_distillation_equals_the_uninterrupted_one(teacher):
     for k, v in full["model"].items():
         assert torch.equal(v, cut["model"][k]), k
     assert cut["summary"]["test_accuracy"] == full["summary"]["test_accuracy"]
+
+
+CACHE = ["--distill.features=", "--distill.cache=true", "--data.eval_batch_size=256"]
+
+
+def test_the_logit_cache_is_the_teachers_outputs_and_steps_run_no_teacher_forward(teacher):
+    base = ["--run.max_steps=12", "--checkpoint.every_steps=6", "--checkpoint.keep=5", *CACHE]
+    full = run_ranks(_distill, 2, str(teacher), [*base, "--run.name=cached"])
+    for r in full:
+        # one forward per batch of this rank's shard (750 samples of 1500): none in the steps
+        assert r["forwards"] == [256, 256, 238]
+        assert torch.allclose(r["table"], r["reference"], atol=1e-5)
+    assert torch.equal(full[0]["table"], full[1]["table"])  # gathered: the same on every rank
+    assert sorted(p.name for p in (teacher / "cached/teacher_cache").iterdir()) == [
+        "rank00000-of-00002.pt", "rank00001-of-00002.pt"
+    ]  # fmt: skip
+    uncached = run_ranks(_distill, 2, str(teacher), [*base[:1], "--distill.features=",
+                                                     "--run.name=uncached"])[0]  # fmt: skip
+    assert len(uncached["forwards"]) == 12  # a teacher forward per step
+    for k, v in uncached["model"].items():
+        assert torch.allclose(v, full[0]["model"][k], atol=1e-4), k
+
+    # A resume reads the shards back (no teacher forward at all) and equals the full run.
+    shutil.copytree(teacher / "cached", teacher / "cached_cut")
+    shutil.rmtree(teacher / "cached_cut/checkpoints/step_00000012")
+    cut = run_ranks(
+        _distill, 2, str(teacher), [*base, "--run.name=cached_cut", "--checkpoint.resume=auto"]
+    )
+    assert cut[0]["forwards"] == cut[1]["forwards"] == []
+    for k, v in full[0]["model"].items():
+        assert torch.equal(v, cut[0]["model"][k]), k
+
+    # A shard built for other teacher weights is rebuilt (in the run directory's cache).
+    shutil.rmtree(teacher / "cached_cut")
+    shutil.copytree(teacher / "cached", teacher / "cached_cut")
+    shutil.rmtree(teacher / "cached_cut/checkpoints/step_00000012")
+    shard = teacher / "cached_cut/teacher_cache/rank00001-of-00002.pt"
+    saved = torch.load(shard, weights_only=True)
+    saved["key"]["teacher"] = "0" * 64
+    torch.save(saved, shard)
+    stale = run_ranks(
+        _distill, 2, str(teacher), [*base, "--run.name=cached_cut", "--checkpoint.resume=auto"]
+    )
+    assert stale[0]["forwards"] == [] and stale[1]["forwards"] == [256, 256, 238]
+    assert torch.load(shard, weights_only=True)["key"]["teacher"] != "0" * 64
+    for k, v in full[0]["model"].items():
+        assert torch.equal(v, stale[0]["model"][k]), k

@@ -61,6 +61,18 @@ def _snapshot(root):
         (["--distill.features=fc:fc1"], "the student has no layer named 'fc' (did you mean"),
         (["--distill.features=conv2"], "'conv2' is not 'student_layer:teacher_layer'"),
         (["--model.name=mlp", "--distill.features=conv2:fc1"], "the student has no layer"),
+        (
+            ["--data.name=synthetic", "--data.synthetic_shape=1,8,8", "--data.synthetic_classes=5"],
+            "predicts 10 classes, the student's data has 5: distill between models of the same",
+        ),
+        (
+            ["--distill.cache=true", "--data.name=cifar10", "--data.path=/x"],
+            "distill.cache needs fixed training inputs, and data.augment = true",
+        ),
+        (
+            ["--distill.cache=true", "--distill.features=conv2:conv2"],
+            "distill.cache keeps the teacher's logits only",
+        ),
     ],
 )
 @pytest.mark.usefixtures("_repo_root")
@@ -74,3 +86,53 @@ def test_bad_input_is_one_line_exit_2_nothing_written(teacher, capsys, args, mes
     assert len(err) == 1 and err[0].startswith("dtrain.distill: error: "), err
     assert message in err[0], err[0]
     assert _snapshot(teacher) == before
+
+
+def _digits_teacher(out, name, seed):
+    argv = ["--config", "configs/digits.toml", *SHORT, "--run.max_steps=3", "--model.width=8",
+            "--comm.hook=allreduce", f"--run.out_dir={out}", f"--run.name={name}",
+            f"--run.seed={seed}"]  # fmt: skip
+    assert train.main(argv) == 0
+
+
+@pytest.mark.usefixtures("_repo_root")
+def test_a_stale_shared_cache_is_one_line_exit_2_nothing_written(tmp_path, capsys):
+    _digits_teacher(tmp_path, "a", 0)
+    _digits_teacher(tmp_path, "b", 1)  # other weights
+    argv = [*DISTILL, f"--run.out_dir={tmp_path}", "--run.max_steps=2", "--distill.features=",
+            "--distill.cache=true", f"--distill.cache_dir={tmp_path}/cache"]  # fmt: skip
+    main = distill.DISTILL
+    assert train.main([*argv, f"--distill.teacher={tmp_path}/a", "--run.name=s1"], job=main) == 0
+    assert (tmp_path / "cache/rank00000-of-00001.pt").is_file()
+    # another student of the same teacher reuses the shared cache
+    assert train.main([*argv, f"--distill.teacher={tmp_path}/a", "--run.name=s2"], job=main) == 0
+    assert "read back" in capsys.readouterr().err
+    before = _snapshot(tmp_path)
+    assert train.main([*argv, f"--distill.teacher={tmp_path}/b", "--run.name=s3"], job=main) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is stale (built for another teacher (other weights))" in err[0], err
+    assert f"delete {tmp_path}/cache to rebuild it" in err[0]
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.usefixtures("_repo_root")
+def test_a_teacher_of_another_vocabulary_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello world, said the model. " * 100)
+    (tmp_path / "b.txt").write_text("hello xorld, said the model. " * 100)  # as many chars
+    text = ["--logging.progress=false", "--model.width=16", "--model.depth=1",
+            "--data.seq_len=16", "--data.batch_size=8", "--data.eval_batch_size=8",
+            f"--run.out_dir={tmp_path}"]  # fmt: skip
+    lm = ["--config", "configs/transformer_text.toml", *text, "--comm.hook=allreduce"]
+    assert train.main([*lm, f"--data.path={tmp_path}/a.txt", "--run.max_steps=2",
+                       "--run.name=t"]) == 0  # fmt: skip
+    kd = ["--config", "configs/distill/transformer_text_kd.toml", *text, "--run.max_steps=2",
+          f"--distill.teacher={tmp_path}/t"]  # fmt: skip
+    assert train.main([*kd, f"--data.path={tmp_path}/a.txt", "--run.name=ok"],
+                      job=distill.DISTILL) == 0  # fmt: skip
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    assert train.main([*kd, f"--data.path={tmp_path}/b.txt", "--run.name=bad"],
+                      job=distill.DISTILL) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on another vocabulary" in err[0], err
+    assert _snapshot(tmp_path) == before

@@ -35,6 +35,20 @@ def test_digits_fixed_stratified_split():
     assert counts.min() >= 28 and counts.max() <= 31  # stratified: ~29.7 per class
 
 
+def test_train_samples_is_a_fixed_prefix_of_the_training_set():
+    full = load_data(DataConfig(name="digits"), seed=0)
+    a = load_data(DataConfig(name="digits", train_samples=300), seed=0)
+    b = load_data(DataConfig(name="digits", train_samples=300), seed=5)
+    assert a.info.train_size == 300 and len(a.x_train) == len(a.y_train) == 300
+    assert torch.equal(a.x_train, full.x_train[:300]) and torch.equal(a.x_train, b.x_train)
+    assert torch.equal(a.x_test, full.x_test)  # the held-out set is whole
+    assert torch.bincount(a.y_train, minlength=10).min() >= 20  # every class is there
+    with pytest.raises(UserError, match="exceeds the 1500 training samples"):
+        load_data(DataConfig(name="digits", train_samples=1501), seed=0)
+    with pytest.raises(UserError, match="train_samples"):
+        DataConfig(train_samples=-1)
+
+
 # ----------------------------------------------------------------------------------- cifar10
 
 

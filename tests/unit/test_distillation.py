@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain.distillation import FeatureTaps, closest_name, feature_loss, kd_loss, make_adapter
+from dtrain.distillation.cache import cache_key, check_shard, fingerprint, shard_file, shard_rows
 from dtrain.models.vision import DigitsCNN, resnet20
 
 
@@ -132,3 +133,42 @@ def test_adapters_map_student_features_to_the_teachers_and_learn():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ------------------------------------------------------------------------------ logit cache
+
+
+def test_fingerprint_changes_with_any_bit_name_or_shape():
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    base = fingerprint([("w", w)])
+    assert fingerprint([("w", w.clone())]) == base
+    flipped = w.clone()
+    flipped.view(torch.int32)[2, 1] ^= 1  # the lowest mantissa bit of one entry
+    assert fingerprint([("w", flipped)]) != base
+    assert fingerprint([("v", w)]) != base
+    assert fingerprint([("w", w.reshape(3, 4))]) != base
+    assert fingerprint([("w", w.double())]) != base
+    assert fingerprint([("w", w.t().contiguous().t())]) == base  # layout does not matter
+
+
+def test_shard_rows_deal_every_sample_to_exactly_one_rank():
+    for n, world in [(10, 3), (2, 4), (1500, 2)]:
+        rows = sorted(i for r in range(world) for i in shard_rows(n, r, world))
+        assert rows == list(range(n))
+
+
+def test_check_shard_names_what_is_stale(tmp_path):
+    teacher, x = {"w": torch.ones(3)}, torch.zeros(5, 2)
+    key = cache_key(teacher=teacher, x=x, precision="fp32", rank=0, world_size=2)
+    path = shard_file(tmp_path, 0, 2)
+    assert path.name == "rank00000-of-00002.pt"
+    assert check_shard(path, key) == "missing"
+    torch.save({"key": key, "logits": torch.zeros(3, 4)}, path)
+    assert check_shard(path, key) is None
+    other = cache_key(teacher={"w": torch.full((3,), 2.0)}, x=x + 1, precision="bf16", rank=0,
+                      world_size=2)  # fmt: skip
+    assert check_shard(path, other) == (
+        "built for another teacher (other weights), training data, run.precision"
+    )
+    path.write_bytes(b"not a tensor file")
+    assert check_shard(path, key) == "unreadable"
