@@ -303,7 +303,7 @@ class DistillExtension(Extension):
             if self.table is None:  # built at the first step: the run directory exists now
                 self.table = self._build_cache(trainer)
             assert trainer.batch_indices is not None
-            t_out = self.table[trainer.batch_indices.to(self.table.device)]
+            t_out = self.table[trainer.batch_indices.to(self.table.device, non_blocking=True)]
         else:
             with torch.no_grad(), trainer._autocast():
                 t_out = self.teacher(x)

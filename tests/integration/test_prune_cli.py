@@ -248,3 +248,30 @@ def test_train_starts_from_a_channel_pruned_model_and_passes_its_architecture_on
     assert train.main([*argv, f"--prune.source={source}/tuned", "--run.name=again2",
                        "--prune.granularity=weights", "--prune.sweep=0.5"],
                       job=prune.PRUNE) == 0  # fmt: skip
+
+
+@pytest.mark.usefixtures("_repo_root")
+def test_distill_from_and_into_a_channel_pruned_model(source):
+    import torch
+
+    from dtrain import distill
+
+    pruned = source / "chkd"
+    argv = [*PRUNE, f"--run.out_dir={source}", "--run.max_steps=4", "--prune.granularity=channels",
+            "--prune.sweep=0.1", "--prune.sparsity=0.3"]  # fmt: skip
+    assert train.main([*argv, f"--prune.source={source}/src", "--run.name=chkd"],
+                      job=prune.PRUNE) == 0  # fmt: skip
+    small = torch.load(pruned / "checkpoints/step_00000004/shared.pt", weights_only=True)["state"]
+    kd = ["--config", "configs/distill/digits_kd.toml", "--logging.progress=false",
+          f"--run.out_dir={source}", "--run.name=kd_pruned", "--run.max_steps=3",
+          f"--distill.teacher={pruned}", f"--model.init_from={pruned}", "--model.width=16",
+          "--distill.features=conv2:conv2"]  # fmt: skip
+    assert train.main(kd, job=distill.DISTILL) == 0
+    out = torch.load(source / "kd_pruned/checkpoints/step_00000003/shared.pt", weights_only=True)
+    state = out["state"]
+    # the student is the pruned architecture (rebuilt from its history), and so is the teacher
+    assert state["model"]["conv2.weight"].shape == small["model"]["conv2.weight"].shape
+    assert state["model"]["conv1.weight"].shape[0] < 16  # of the width-16 source's 16
+    assert state["architecture"] == small["extensions"]["prune"]["history"]
+    assert out["state"]["extensions"]["distill"]["teacher"].startswith(str(pruned))
+    assert not any(k.startswith("distill_adapters") for k in state["model"])  # same shapes
