@@ -299,6 +299,8 @@ class DistillExtension(Extension):
     def loss(self, trainer: Trainer, x: Tensor, out: Tensor, y: Tensor, loss: Tensor) -> Tensor:
         assert self.teacher is not None
         d = self.d
+        if d.alpha == 0 and not d.pairs:  # nothing needs the teacher: the student alone
+            return loss
         if d.cache:
             if self.table is None:  # built at the first step: the run directory exists now
                 self.table = self._build_cache(trainer)

@@ -135,6 +135,7 @@ def test_logit_only_distillation_changes_the_student_and_alpha_zero_is_training_
          "--optim.weight_decay=5e-4", "--run.epochs=30"],
     )[0][1]  # fmt: skip
     assert not any(k.startswith(TRAINING_ONLY) for k in kd["model"])
+    assert alone[0]["forwards"] == [] and len(kd["forwards"]) == 6  # alone: no teacher runs
     for k, v in plain.items():  # alpha = 0: exactly the training job's student
         assert torch.equal(v, alone[0]["model"][k]), k
     assert any(not torch.equal(v, kd["model"][k]) for k, v in plain.items())
