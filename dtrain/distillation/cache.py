@@ -79,7 +79,8 @@ def check_shard(path: Path, key: Mapping[str, Any]) -> str | None:
     if not path.is_file():
         return "missing"
     try:
-        saved = torch.load(path, weights_only=True, map_location="cpu")
+        # memory-mapped: the key is read, the logits are not (build_table reads them once)
+        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         saved_key = saved["key"]
         saved["logits"]
     except Exception:
