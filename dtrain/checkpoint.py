@@ -51,6 +51,7 @@ __all__ = [
     "load_shared",
     "restore_model",
     "rng_state",
+    "save_model_checkpoint",
     "set_rng_state",
 ]
 
@@ -500,6 +501,24 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def save_model_checkpoint(run_dir: Path | str, shared: dict[str, Any]) -> Path:
+    """A complete checkpoint at step 0 in ``run_dir/checkpoints`` holding only ``shared`` (a
+    model, its config and architecture; written by one process, no rank files): what a
+    post-training step (a factorised model) hands to :func:`load_shared` and
+    ``model.init_from``. Atomic: the directory gets its final name once complete."""
+    final = Path(run_dir) / "checkpoints" / f"step_{0:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    header = {"format": FORMAT, "version": VERSION, "step": 0, "world_size": 1}
+    _save_tensor_file(tmp / SHARED, {**header, "rank": None, "state": shared})
+    atomic_write_text(tmp / COMPLETE, json.dumps({"step": 0, "world_size": 1}) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
 def load_shared(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """``(checkpoint directory, shared state)`` of :func:`find_checkpoint`'s checkpoint: the
     model, optimizer, step, config, ... (``torch.load(weights_only=True)``)."""
@@ -524,7 +543,8 @@ def restore_model(
 ) -> Any:
     """``model`` (freshly built from its config) with the weights of a checkpoint's shared
     state: first resized to the pruned architecture the state records (:func:`architecture`;
-    kept as ``model.pruning_history``), then loaded strictly.
+    kept as ``model.pruning_history``), its factorised layers (``lowrank``: ``{name: rank}``,
+    kept as ``model.lowrank_ranks``) rebuilt, then loaded strictly.
 
     Raises:
         UserError: the weights do not fit (``what`` names the checkpoint in the message).
@@ -537,6 +557,17 @@ def restore_model(
                               else torch.float32)  # fmt: skip
         rebuild(model, history, example)
     setattr(model, "pruning_history", list(history))  # noqa: B010 (saved with its checkpoints)
+    if ranks := dict(shared.get("lowrank") or {}):  # factorised after any channel pruning
+        from dtrain.lowrank import apply_ranks
+
+        try:
+            apply_ranks(model, ranks)
+        except KeyError as e:
+            name = type(model).__name__
+            raise UserError(
+                f"{what} does not fit the model ({name}): it factorised {e}, which the model "
+                f"does not have as a Linear layer or 1x1 convolution"
+            ) from None
     own = model.state_dict()
     state = {  # a distilled student's adapters train with it and stay behind
         k: v

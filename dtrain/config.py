@@ -456,10 +456,10 @@ class JobConfig:
 
 # ---------------------------------------------------------------------------------- loading
 
-C = typing.TypeVar("C", bound=JobConfig)
+C = typing.TypeVar("C")  # a job config, or any dataclass of section dataclasses (the pipeline)
 
 
-def _sections(cls: type[JobConfig] = JobConfig) -> dict[str, type]:
+def _sections(cls: type = JobConfig) -> dict[str, type]:
     # f.type is the section's class: this module has no `from __future__ import annotations`.
     return {f.name: typing.cast(type, f.type) for f in dataclasses.fields(cls)}
 
@@ -550,7 +550,7 @@ def from_dict(
     return cls(**built)
 
 
-def parse_overrides(args: list[str], cls: type[JobConfig] = JobConfig) -> dict[str, dict[str, str]]:
+def parse_overrides(args: list[str], cls: type = JobConfig) -> dict[str, dict[str, str]]:
     """``["--optim.lr=0.1", "--comm.hook", "dgc"]`` -> ``{"optim": {"lr": "0.1"}, ...}``."""
     out: dict[str, dict[str, str]] = {}
     valid = [f"{s}.{f.name}" for s, c in _sections(cls).items() for f in dataclasses.fields(c)]
@@ -601,7 +601,7 @@ def load_config(
 # ---------------------------------------------------------------------------------- writing
 
 
-def to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+def to_dict(cfg: Any) -> dict[str, dict[str, Any]]:
     """Nested plain values (tuples as lists): TOML-writable and ``weights_only``-loadable."""
     out = {}
     for f in dataclasses.fields(cfg):
@@ -625,7 +625,7 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def to_toml(cfg: JobConfig) -> str:
+def to_toml(cfg: Any) -> str:
     """The resolved config as TOML text; :func:`load_config` reads it back to an equal config."""
     lines = []
     for sec, values in to_dict(cfg).items():

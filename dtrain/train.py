@@ -96,7 +96,6 @@ def check(cfg: JobConfig, job: Job = TRAIN) -> None:
 
 def main(argv: list[str] | None = None, job: Job = TRAIN) -> int:
     rank = 0
-    trainer = None
     try:
         rank = int(launch_env()["rank"])
         setup_logging(rank)
@@ -105,10 +104,7 @@ def main(argv: list[str] | None = None, job: Job = TRAIN) -> int:
             check(cfg, job)
             return 0
         info = init_distributed(device=cfg.run.device, threads=cfg.run.threads)
-        trainer = job.trainer(cfg, info)
-        summary = trainer.train()
-        if job.finish is not None:
-            job.finish(trainer, summary)
+        summary = run(cfg, info, job)
         if info.is_main:
             print(format_summary(summary), flush=True)
         return 0
@@ -117,10 +113,21 @@ def main(argv: list[str] | None = None, job: Job = TRAIN) -> int:
             print(f"{job.prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     finally:
-        if trainer is not None:
-            trainer.close()
-        del trainer
         destroy_distributed()
+
+
+def run(cfg: JobConfig, info: DistInfo, job: Job = TRAIN) -> dict[str, Any]:
+    """Build the job's trainer, train, run its ``finish``; returns the summary. Collective: every
+    rank of an initialised process group calls it (the pipeline runs its stages so)."""
+    trainer = job.trainer(cfg, info)
+    try:
+        summary = trainer.train()
+        if job.finish is not None:
+            job.finish(trainer, summary)
+        return summary
+    finally:
+        trainer.close()
+        del trainer
 
 
 def exit_now(code: int) -> None:

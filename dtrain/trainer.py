@@ -463,6 +463,7 @@ class Trainer:
             "extensions": {e.name: e.state_dict() for e in self.extensions},
             # a channel-pruned architecture: how to rebuild it (checkpoint.restore_model)
             "architecture": list(getattr(self.model, "pruning_history", [])),
+            "lowrank": dict(getattr(self.model, "lowrank_ranks", {})),  # factorised layers
             # what another job (a distillation's teacher) checks against its data
             "num_classes": self.data.info.num_classes,
             "vocab": self.data.vocab,  # a text model's characters

@@ -2,6 +2,8 @@
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,10 +51,18 @@ def nonzero_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example: Tensor, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time in milliseconds of ``model(example)`` (eval mode, no autograd)."""
-    was = model.training
-    model.eval()
+def latency_ms(
+    model: nn.Module | Callable[[Tensor], Any],
+    example: Tensor,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> float:
+    """Median wall time in milliseconds of ``model(example)`` (eval mode, no autograd); any
+    callable, e.g. an onnxruntime session's run."""
+    was = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
     for _ in range(warmup):
         model(example)
     times = []
@@ -60,5 +70,6 @@ def latency_ms(model: nn.Module, example: Tensor, *, repeats: int = 20, warmup: 
         t0 = time.perf_counter()
         model(example)
         times.append((time.perf_counter() - t0) * 1e3)
-    model.train(was)
+    if isinstance(model, nn.Module):
+        model.train(was)
     return statistics.median(times)

@@ -164,3 +164,50 @@ def test_bad_input_fails_before_launch(cluster: SlurmCluster, tmp_path: Path) ->
     output = cluster.job_output(job_id).strip().splitlines()
     assert len(output) == 1 and "max_steps" in output[0], output
     assert [" --check " in c for c in calls.read_text().splitlines()] == [True]
+
+
+def test_pipeline_under_srun_on_two_nodes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """dtrain.pipeline under Slurm (train_srun.sbatch with JOB=dtrain.pipeline): the low-rank
+    fine-tune trains on both nodes, rank 0 quantizes and exports while the other waits."""
+    from tests.integration.cli import torchrun
+
+    src = torchrun(
+        1, "--config", "configs/digits.toml", "--run.max_steps=20", "--comm.hook=allreduce",
+        f"--run.out_dir={tmp_path}", "--run.name=src", "--logging.progress=false",
+    )  # fmt: skip
+    assert src.returncode == 0, src.stderr[-2000:]
+    python, calls = _recording_python(tmp_path)
+    result = cluster.sbatch(
+        "slurm/train_srun.sbatch",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--time=4",
+        job_args=(
+            f"--pipeline.source={tmp_path}/src",
+            f"--pipeline.out_dir={tmp_path}",
+            "--pipeline.name=p",
+            "--pipeline.stages=lowrank,quantize,export",
+            "--pipeline.threads=1",
+            "--pipeline.latency_repeats=2",
+            "--lowrank.set=run.max_steps=10,logging.progress=false",
+        ),
+        cwd=REPO,
+        env={
+            "PYTHON": str(python),
+            "JOB": "dtrain.pipeline",
+            "CONFIG": "configs/pipeline/digits.toml",
+            "MASTER_PORT": str(_free_port()),
+            "GLOO_SOCKET_IFNAME": "lo",
+        },
+        timeout=300,
+    )
+    assert result.returncode == 0, cluster.describe(result)
+    job_id = result.stdout.strip().split(";")[0]
+    state = cluster.job_state(job_id)
+    assert (state.get("JobState"), state.get("ExitCode")) == ("COMPLETED", "0:0"), state
+    started = sorted(c for c in calls.read_text().splitlines() if " --check " not in c)
+    assert [c.split()[:2] for c in started] == [["n1", "0"], ["n2", "1"]], started
+    finetune = (tmp_path / "p/lowrank/finetune/metrics.jsonl").read_text().splitlines()
+    assert json.loads(finetune[-1])["world_size"] == 2
+    report = json.loads((tmp_path / "p/pipeline_report.json").read_text())
+    assert report["rows"][-1]["stage"].startswith("export (onnx")
