@@ -208,10 +208,13 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_job(module: str, nproc: int, argv: Sequence[str], run_dir: Path) -> list[dict]:
+def run_job(
+    module: str, nproc: int, argv: Sequence[str], run_dir: Path, *, metrics: bool = True
+) -> list[dict]:
     """``torchrun --nproc_per_node=NPROC -m MODULE ARGV`` on this host, run from the repo root,
     into ``run_dir`` (removed first if a previous benchmark left it); its ``metrics.jsonl``
-    lines. Exits with the job's stderr if it fails."""
+    lines (``metrics=False``: none, e.g. for the pipeline). Exits with the job's stderr if it
+    fails."""
     import shutil
     import socket
     import subprocess
@@ -230,6 +233,8 @@ def run_job(module: str, nproc: int, argv: Sequence[str], run_dir: Path) -> list
     r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env={**os.environ})
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    if not metrics:
+        return []
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -164,8 +164,11 @@ class Pipeline:
         if section.config:
             import tomllib
 
-            with open(section.config, "rb") as f:
-                data = tomllib.load(f)
+            try:
+                with open(section.config, "rb") as f:
+                    data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise UserError(f"{name}.config: {section.config} is not valid TOML: {e}") from None
         data["data"] = to_dict(self.source_cfg)["data"]
         if model_from:
             model_cfg, _ = job_config_of(model_from)
