@@ -3,7 +3,7 @@
 Command (defaults shown)::
 
     .venv/bin/python bench/bench_pipeline.py --models digits,resnet20 --nproc 2 \\
-        [--out runs/bench_pipeline] [--json out.json] [--plots docs/img]
+        [--out runs/bench_pipeline] [--json out.json] [--plots docs/img] [--reuse-sources]
 
 Per model, a source run (``digits``: ``configs/digits.toml``, the digits CNN, 30 epochs, DGC;
 ``resnet20``: ``configs/resnet20_digits32.toml``, ResNet-20 on the digits at 32x32, 30 epochs,
@@ -51,14 +51,17 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_pipeline")
     p.add_argument("--json")
     p.add_argument("--plots")
+    p.add_argument("--reuse-sources", action="store_true",
+                   help="keep source runs a previous benchmark left in --out")  # fmt: skip
     args = p.parse_args()
     out = Path(args.out).resolve()
     results: dict[str, dict] = {}
     for model in args.models.split(","):
         train_cfg, pipe_cfg = MODELS[model]
         src = out / f"src-{model}"
-        run_job("dtrain.train", args.nproc, ["--config", train_cfg, f"--run.out_dir={out}",
-                f"--run.name={src.name}", "--logging.progress=false"], src)  # fmt: skip
+        if not (args.reuse_sources and (src / "metrics.jsonl").is_file()):
+            run_job("dtrain.train", args.nproc, ["--config", train_cfg, f"--run.out_dir={out}",
+                    f"--run.name={src.name}", "--logging.progress=false"], src)  # fmt: skip
         results[model] = {}
         for name, stages in variants(stages_of(pipe_cfg)).items():
             tag = f"{model}-{name.replace(' ', '-')}"

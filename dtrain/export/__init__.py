@@ -12,6 +12,7 @@ from dtrain.export.onnx import (
     ort_quantize_static,
     ort_run,
     ort_session,
+    strip_debug_info,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "ort_quantize_static",
     "ort_run",
     "ort_session",
+    "strip_debug_info",
 ]

@@ -230,32 +230,17 @@ class Pipeline:
             bench = self.bench
             out = self.dir / "source"
             out.mkdir(parents=True, exist_ok=True)
-            model = bench.load(Artifact(self.source))
-            rows = [bench.model_row("source", model, out)]
+            rows = [bench.model_row("source", Artifact(self.source), out)]
             if "export" in self.cfg.pipeline.stages and "onnx" in self.cfg.export.formats:
-                from dtrain.export import (
-                    ExportFailed,
-                    artifact_bytes,
-                    export_onnx,
-                    ort_run,
-                    ort_session,
-                )
+                from dtrain.export import ExportFailed, export_onnx
 
+                model = bench.load(Artifact(self.source))
                 try:  # the starting model under onnxruntime too: the honest baseline
                     path = export_onnx(model, bench.example, out / "model.onnx")
                 except ExportFailed as e:
                     logger.info("source: no ONNX baseline: %s", e)
                 else:
-                    session = ort_session(path, threads=bench.threads)
-                    rows.append(
-                        bench.row(
-                            "source (onnx)",
-                            lambda x: ort_run(session, x),
-                            model=model,
-                            size=artifact_bytes(path),
-                            runtime="onnxruntime",
-                        )
-                    )
+                    rows.append(bench.file_row("source (onnx)", "onnx", path, model))
             return {"output": Artifact(self.source).as_dict(), "rows": rows, "details": {}}
 
         return self._stage("source", None, lambda: self._on_rank0(measure))
@@ -302,7 +287,13 @@ class Pipeline:
             rows += record["rows"]
             if "output" in record and "checkpoint" in record["output"]:
                 art = Artifact(**record["output"])
-        return rows
+        rounds = self.cfg.pipeline.latency_rounds
+
+        def remeasure() -> dict[str, Any]:
+            self.bench.remeasure(rows, rounds=rounds)
+            return {"rows": rows}
+
+        return list(self._on_rank0(remeasure)["rows"]) if rounds else rows
 
     def _run_stage(self, name: str, art: Artifact) -> dict[str, Any]:
         stage_dir = self.dir / name
@@ -352,9 +343,8 @@ class Pipeline:
 
         def measure() -> dict[str, Any]:
             bench = self.bench
-            model = bench.load(art)
             float_model = bench.load(Artifact(art.checkpoint)) if art.quantized else None
-            row = bench.model_row(name, model, stage_dir, float_model=float_model)
+            row = bench.model_row(name, art, stage_dir, float_model=float_model)
             return {"output": art.as_dict(), "rows": [row], "details": details}
 
         return self._on_rank0(measure)

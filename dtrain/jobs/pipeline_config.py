@@ -91,8 +91,11 @@ class PipelineConfig:
     measure_threads: int = 0
     """Threads for the latency measurements on rank 0 (PyTorch and onnxruntime alike);
     0: every core of the node (the other ranks wait meanwhile)."""
-    latency_repeats: int = 20
+    latency_repeats: int = 50
     """Timed forward passes per latency (the median is reported)."""
+    latency_rounds: int = 3
+    """At the end, every row's latencies are measured again side by side, this many rounds of
+    every artifact in turn, and the median round is reported; 0: each stage's own timing."""
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -101,6 +104,7 @@ class PipelineConfig:
         _at_least(s, "threads", self.threads, 0)
         _at_least(s, "measure_threads", self.measure_threads, 0)
         _at_least(s, "latency_repeats", self.latency_repeats, 1)
+        _at_least(s, "latency_rounds", self.latency_rounds, 0)
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise UserError(f"pipeline.name must be a plain directory name, got {self.name!r}")
 
@@ -196,9 +200,13 @@ class ExportStage:
     rtol: float = 1e-4
     """A float export matches PyTorch when max |Δ| <= atol + rtol · max |PyTorch's output| over
     the held-out inputs."""
-    quantized_rtol: float = 0.1
+    quantized_rtol: float = 0.25
     """The same bound (atol + quantized_rtol · max |output|) for an int8 ONNX model made by
-    onnxruntime, against the PyTorch model it stands for (two int8 schemes, not one)."""
+    onnxruntime, against the PyTorch model it stands for: two int8 schemes, not one (where
+    torchao left the convolutions float, onnxruntime quantizes them too)."""
+    quantized_agreement: float = 0.97
+    """And the int8 ONNX model's top-1 predictions agree with PyTorch's on at least this
+    fraction of the compared inputs."""
     check_samples: int = 512
     """Held-out inputs compared (the first ones)."""
     calibration_batches: int = 8
@@ -218,6 +226,10 @@ class ExportStage:
         _at_least(s, "atol", self.atol, 0.0)
         _at_least(s, "rtol", self.rtol, 0.0)
         _at_least(s, "quantized_rtol", self.quantized_rtol, 0.0)
+        if not 0.0 <= self.quantized_agreement <= 1.0:
+            raise UserError(
+                f"export.quantized_agreement must be in [0, 1], got {self.quantized_agreement}"
+            )
         _positive(s, "check_samples", self.check_samples)
         _at_least(s, "calibration_batches", self.calibration_batches, 1)
 

@@ -56,7 +56,7 @@ def latency_ms(
     example: Tensor,
     *,
     repeats: int = 20,
-    warmup: int = 3,
+    warmup: int = 5,
 ) -> float:
     """Median wall time in milliseconds of ``model(example)`` (eval mode, no autograd); any
     callable, e.g. an onnxruntime session's run."""

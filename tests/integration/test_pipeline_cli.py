@@ -53,7 +53,12 @@ def test_the_whole_pipeline_under_torchrun(source):
     r = torchrun(2, *_argv(source, "--pipeline.name=p"), module="dtrain.pipeline")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("finished before, skipped") == 6  # source and five stages
-    assert json.loads((p / "pipeline_report.json").read_text())["rows"] == report["rows"]
+    again = json.loads((p / "pipeline_report.json").read_text())["rows"]
+
+    def measured(row):  # the latencies are measured again, side by side, at every end
+        return {k: v for k, v in row.items() if not k.startswith("latency")}
+
+    assert [measured(r) for r in again] == [measured(r) for r in report["rows"]]
 
 
 def _snapshot(root):

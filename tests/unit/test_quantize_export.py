@@ -149,3 +149,15 @@ def test_max_difference_is_relative_to_the_output_scale():
     a = torch.tensor([[10.0, -20.0]])
     assert max_difference(a, a + 0.01, atol=0.0, rtol=1e-3) == pytest.approx((0.01, 0.02), rel=1e-4)
     assert max_difference(a, a[:, :1], atol=1, rtol=1)[0] == float("inf")
+
+
+def test_the_onnx_file_keeps_no_per_node_debug_records(cnn, tmp_path):
+    import onnx
+
+    x = _x(2)
+    lean = export_onnx(cnn, x, tmp_path / "lean.onnx")
+    full = export_onnx(cnn, x, tmp_path / "full.onnx", debug_info=True)
+    assert any(n.metadata_props for n in onnx.load(str(full)).graph.node)
+    assert not any(n.metadata_props for n in onnx.load(str(lean)).graph.node)
+    assert artifact_bytes(lean) < artifact_bytes(full)
+    assert torch.equal(ort_run(ort_session(lean), _x()), ort_run(ort_session(full), _x()))
