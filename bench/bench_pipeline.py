@@ -9,7 +9,8 @@ Per model, a source run (``digits``: ``configs/digits.toml``, the digits CNN, 30
 ``resnet20``: ``configs/resnet20_digits32.toml``, ResNet-20 on the digits at 32x32, 30 epochs,
 DGC), then ``dtrain.pipeline`` with ``configs/pipeline/<model>.toml``: all of its stages, and
 each of its stages alone followed by the export (so that every variant ends in a file
-onnxruntime runs; ``export`` alone is the starting model exported). Prints a Markdown table per
+onnxruntime runs; ``export`` alone is the starting model exported), and for ResNet-20 the
+pipeline and the starting model with onnxruntime's static int8 (``EXTRA``). Prints a table per
 model (the final artifact of every variant against the starting model: size on disk, batch-64
 CPU latency, held-out accuracy) and the whole pipeline's per-stage table; ``--plots`` copies
 each whole pipeline's ``accuracy_vs_size.png`` to ``DIR/pipeline_<model>.png``.
@@ -25,6 +26,12 @@ from common import machine_line, md_table, run_job, write_json
 MODELS = {
     "digits": ("configs/digits.toml", "configs/pipeline/digits.toml"),
     "resnet20": ("configs/resnet20_digits32.toml", "configs/pipeline/resnet20.toml"),
+}
+EXTRA = {  # more variants: name -> (stages, overrides)
+    "resnet20": {
+        "with int8": (["prune", "quantize", "export"], ["--export.onnx_quantize=static"]),
+        "int8 alone": (["quantize", "export"], ["--export.onnx_quantize=static"]),
+    },
 }
 
 
@@ -63,10 +70,12 @@ def main() -> None:
             run_job("dtrain.train", args.nproc, ["--config", train_cfg, f"--run.out_dir={out}",
                     f"--run.name={src.name}", "--logging.progress=false"], src)  # fmt: skip
         results[model] = {}
-        for name, stages in variants(stages_of(pipe_cfg)).items():
+        runs = {k: (v, []) for k, v in variants(stages_of(pipe_cfg)).items()}
+        for name, (stages, extra) in {**runs, **EXTRA.get(model, {})}.items():
             tag = f"{model}-{name.replace(' ', '-')}"
             argv = ["--config", pipe_cfg, f"--pipeline.source={src}", f"--pipeline.out_dir={out}",
-                    f"--pipeline.name={tag}", f"--pipeline.stages={','.join(stages)}"]  # fmt: skip
+                    f"--pipeline.name={tag}", f"--pipeline.stages={','.join(stages)}",
+                    *extra]  # fmt: skip
             run_job("dtrain.pipeline", args.nproc, argv, out / tag, metrics=False)
             report = json.loads((out / tag / "pipeline_report.json").read_text())
             results[model][name] = {"stages": stages, **report}

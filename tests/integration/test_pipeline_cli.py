@@ -120,3 +120,26 @@ def test_an_export_that_does_not_match_onnxruntime_stops_naming_the_difference(s
     )
     assert "raise export.atol / rtol" in err[-1]
     assert not (source / "tol/export/stage.json").exists()  # not marked finished
+
+
+@pytest.mark.usefixtures("_repo_root")
+def test_quantization_aware_training_trains_then_converts(source, capsys):
+    qat = ["--quantize.method=qat", "--quantize.config=configs/digits.toml"]
+    argv = _argv(
+        source,
+        "--pipeline.name=qat",
+        "--pipeline.stages=quantize,export",
+        *qat,
+        f"--quantize.set={SHORT},comm.hook=allreduce",
+        "--export.formats=onnx",
+    )
+    assert pipeline.main(argv) == 0, capsys.readouterr().err[-3000:]
+    q = source / "qat/quantize"
+    lines = (q / "qat/metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["steps"] == 10  # the fake-quantized fine-tune ran
+    record = json.loads((q / "stage.json").read_text())
+    assert record["details"]["quantized"] == ["fc1", "fc2"]
+    assert record["output"]["quantized"].endswith("model.pt")
+    # the QAT model's int8 activations have no ONNX translation: onnxruntime's int8 instead
+    checks = json.loads((source / "qat/export/stage.json").read_text())["details"]
+    assert "onnxruntime's dynamic int8" in checks["onnx_int8"]["why"]
