@@ -407,8 +407,14 @@ class LoggingConfig:
     """Log training metrics every this many steps."""
     wandb: str = "disabled"
     """``disabled``, ``offline`` or ``online``; metrics always go to ``metrics.jsonl``."""
-    wandb_project: str = "dtrain"
-    """wandb project name."""
+    wandb_project: str = ""
+    """wandb project; empty: ``WANDB_PROJECT``, else ``dtrain``."""
+    wandb_entity: str = ""
+    """wandb entity (user or team); empty: ``WANDB_ENTITY``, else your default entity."""
+    wandb_group: str = ""
+    """wandb run group (e.g. one per sweep); empty: ``WANDB_RUN_GROUP``, else none."""
+    wandb_name: str = ""
+    """wandb run name; empty: ``WANDB_NAME``, else the run directory's name."""
     progress: bool = True
     """tqdm progress bar (rank 0, when stderr is a terminal)."""
 

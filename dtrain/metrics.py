@@ -15,12 +15,20 @@
 
 Each line of ``metrics.jsonl`` is ``{"kind": "train" | "eval" | "pre_flush" | "summary", "step":
 ..., "time": <wall seconds since the run started>, ...metrics}`` (``pre_flush``: the last step's
-evaluation before DGC's residuals went into the weights). ``python -m dtrain.report`` plots it.
+evaluation before DGC's residuals went into the weights; an extension's own kind, e.g.
+``prune`` or ``distill``). ``python -m dtrain.report`` plots it.
+
+In wandb the metrics are grouped by kind: ``train/loss``, ``eval/test_accuracy``,
+``prune/sparsity``, ``distill/kd_loss``, and the communication counters of a train line
+(:data:`COMM_METRICS`) as ``comm/ratio`` and so on, all charted against ``trainer/step``. At the
+end of a run the plots of :mod:`dtrain.report` are written to ``run_dir/plots/`` and logged as
+images (``report/loss_vs_step`` ...).
 """
 
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -34,12 +42,15 @@ from dtrain.config import LoggingConfig
 from dtrain.errors import UserError
 
 __all__ = [
+    "COMM_METRICS",
     "MetricsLogger",
     "NullLogger",
     "check_wandb",
     "format_summary",
     "make_logger",
     "read_metrics",
+    "wandb_identity",
+    "wandb_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +58,11 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id"
 STEP_METRIC = "trainer/step"  # wandb charts against this, not its own step counter
+# What the trainer's train lines carry about communication: in wandb under comm/, not train/.
+COMM_METRICS = frozenset(
+    ("bytes_sent", "dense_bytes", "bytes_sent_total", "dense_bytes_total", "ratio", "ratio_total",
+     "density")
+)  # fmt: skip
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -143,6 +159,7 @@ class MetricsLogger(NullLogger):
         if not resume:
             atomic_write_text(self.path, "")
         self._t0 = time.monotonic()
+        self._last_step = start_step
         # closed in close()
         self._file: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._bar = None
@@ -181,15 +198,16 @@ class MetricsLogger(NullLogger):
         Args:
             step: The optimizer step.
             metrics: Name -> number (tensors and numpy scalars are converted).
-            kind: ``train``, ``eval`` or ``pre_flush``.
+            kind: ``train``, ``eval``, ``pre_flush``, or an extension's (``prune``, ...).
         """
         values = {k: _plain(v) for k, v in metrics.items()}
         self._write({"kind": kind, "step": step, "time": round(self.elapsed, 3), **values})
+        self._last_step = step
         if self._wandb is not None:
             # The optimizer step is a logged metric, not wandb's own step: a resumed run logs
             # again the steps its predecessor logged after the last checkpoint, which wandb
             # would drop as "not monotonically increasing".
-            self._wandb.log({STEP_METRIC: step, **{f"{kind}/{k}": v for k, v in values.items()}})
+            self._wandb.log({STEP_METRIC: step, **wandb_keys(kind, values)})
         text = f"{kind} step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         if self._bar is None:
             logger.info(text)
@@ -205,11 +223,27 @@ class MetricsLogger(NullLogger):
         self._bar.update(n)
 
     def summary(self, metrics: dict[str, Any]) -> None:
-        """Append a ``{"kind": "summary", ...}`` line; set the wandb run's summary."""
+        """Append a ``{"kind": "summary", ...}`` line; with wandb, set the run's summary and log
+        the :mod:`dtrain.report` plots of the run as images."""
         values = {k: _plain(v) for k, v in metrics.items()}
         self._write({"kind": "summary", "time": round(self.elapsed, 3), **values})
         if self._wandb is not None:
             self._wandb.summary.update(values)
+            self._log_plots(self._wandb)
+
+    def _log_plots(self, run: Any) -> None:
+        """The report plots into ``run_dir/plots/`` and to wandb as ``report/<name>``."""
+        import wandb
+
+        from dtrain.report import load_run, plot_runs  # dtrain.report imports this module
+
+        try:
+            written, _ = plot_runs([load_run(self.run_dir)], self.run_dir / "plots")
+        except (UserError, OSError) as e:  # too short a run to plot, or plots/ not writable
+            logger.warning("no report plots for wandb: %s", e)
+            return
+        images = {f"report/{p.stem}": wandb.Image(str(p)) for p in written}
+        run.log({STEP_METRIC: self._last_step, **images})
 
     def close(self, *, failed: bool = False) -> None:
         """Close the bar, the file and the wandb run (idempotent)."""
@@ -230,6 +264,33 @@ class MetricsLogger(NullLogger):
         tb: TracebackType | None,
     ) -> None:
         self.close(failed=exc_type is not None)
+
+
+def wandb_keys(kind: str, values: dict[str, Any]) -> dict[str, Any]:
+    """wandb's names for one line's values: ``kind/name``, the communication counters of a train
+    line as ``comm/name``.
+
+    Example::
+
+        >>> wandb_keys("train", {"loss": 0.5, "ratio": 900.0})
+        {'train/loss': 0.5, 'comm/ratio': 900.0}
+    """
+    return {
+        f"{'comm' if kind == 'train' and k in COMM_METRICS else kind}/{k}": v
+        for k, v in values.items()
+    }
+
+
+def wandb_identity(cfg: LoggingConfig, run_dir: Path) -> dict[str, str | None]:
+    """``project``, ``entity``, ``group`` and ``name`` for ``wandb.init``: the config's value,
+    else the ``WANDB_*`` variable (project: ``dtrain``, name: the run directory's name)."""
+    env = os.environ
+    return {
+        "project": cfg.wandb_project or env.get("WANDB_PROJECT") or "dtrain",
+        "entity": cfg.wandb_entity or env.get("WANDB_ENTITY") or None,
+        "group": cfg.wandb_group or env.get("WANDB_RUN_GROUP") or None,
+        "name": cfg.wandb_name or env.get("WANDB_NAME") or run_dir.name,
+    }
 
 
 def check_wandb(cfg: LoggingConfig) -> None:
@@ -259,9 +320,12 @@ def _start_wandb(
         run_id = uuid.uuid4().hex[:8]
         atomic_write_text(id_file, run_id + "\n")
     try:
+        who = wandb_identity(cfg, run_dir)
         run = wandb.init(
-            project=cfg.wandb_project,
-            name=run_dir.name,
+            project=who["project"],
+            entity=who["entity"],
+            group=who["group"],
+            name=who["name"],
             id=run_id,
             resume="allow",
             dir=str(run_dir),

@@ -139,6 +139,13 @@ class Extension:
     def after_step(self, trainer: "Trainer") -> None:
         """After each optimizer step; ``trainer.step`` counts the steps taken."""
 
+    def metrics(self, trainer: "Trainer") -> dict[str, float]:
+        """Values logged beside each train line (every ``logging.every_steps``) as their own
+        kind, this extension's ``name`` (``prune/sparsity`` in wandb). Every rank calls it at
+        the same steps (a collective such as :meth:`Trainer.all_mean` is allowed); rank 0's
+        values are logged."""
+        return {}
+
     def loss(
         self, trainer: "Trainer", x: torch.Tensor, out: torch.Tensor, y: torch.Tensor,
         loss: torch.Tensor,
@@ -563,7 +570,8 @@ class Trainer:
         self.scheduler.step()
 
     # ------------------------------------------------------------------ metrics
-    def _all_mean(self, values: list[float]) -> list[float]:
+    def all_mean(self, values: list[float]) -> list[float]:
+        """The mean of ``values`` over the ranks (a collective: every rank calls it)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
         dist.all_reduce(t)
         return (t / self.info.world_size).tolist()
@@ -571,7 +579,7 @@ class Trainer:
     def _comm_metrics(self) -> dict[str, float]:
         s = self.hook_state.stats()
         keys = ("bytes_sent", "dense_bytes", "bytes_sent_total", "dense_bytes_total")
-        vals = dict(zip(keys, self._all_mean([float(s[k]) for k in keys]), strict=True))
+        vals = dict(zip(keys, self.all_mean([float(s[k]) for k in keys]), strict=True))
         vals["ratio"] = vals["dense_bytes"] / vals["bytes_sent"] if vals["bytes_sent"] else 0.0
         vals["ratio_total"] = (
             vals["dense_bytes_total"] / vals["bytes_sent_total"]
@@ -669,7 +677,7 @@ class Trainer:
                     evaluated = {}
                     if self.step % cfg.logging.every_steps == 0 or last:
                         elapsed = time.perf_counter() - window_start
-                        loss_sum, correct, count = self._all_mean(window.tolist())
+                        loss_sum, correct, count = self.all_mean(window.tolist())
                         line = self._metric(loss_sum / max(count, 1.0), correct, count)
                         samples = cfg.data.batch_size * window_steps
                         line.update(
@@ -680,6 +688,9 @@ class Trainer:
                             **self._comm_metrics(),
                         )
                         metrics.log(self.step, line)
+                        for e in self.extensions:
+                            if values := e.metrics(self):
+                                metrics.log(self.step, values, kind=e.name)
                         window.zero_()
                         window_start, window_steps = time.perf_counter(), 0
                     every = cfg.run.eval_every

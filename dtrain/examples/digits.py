@@ -86,13 +86,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * acc
 
 
-def train(args: argparse.Namespace, device: torch.device, start: float) -> None:
-    """Train, printing per-epoch lines and the summary on rank 0 (wall time since ``start``)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as 1x8x8 images in [0, 1]: ``x_train, y_train, x_test, y_test``
+    (297 held-out images, stratified, the same split on every rank)."""
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     y = torch.tensor(digits.target)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=297, random_state=0, stratify=y)
+    return x_tr, y_tr, x_te, y_te
+
+
+def train(args: argparse.Namespace, device: torch.device, start: float) -> None:
+    """Train, printing per-epoch lines and the summary on rank 0 (wall time since ``start``)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x_tr, y_tr, x_te, y_te = digits_split()
     x_te, y_te = x_te.to(device), y_te.to(device)
     train_set = TensorDataset(x_tr, y_tr)
     sampler: DistributedSampler[int] = DistributedSampler(

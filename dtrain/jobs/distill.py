@@ -133,6 +133,7 @@ class DistillExtension(Extension):
         self.cache_key: dict[str, Any] = {}
         self.cache_reuse = False
         self.table: Tensor | None = None  # the cached teacher outputs, one row per sample
+        self.sums: Tensor | None = None  # the loss terms since the last log line (metrics)
 
     # ---------------------------------------------------------------- input (every rank)
     def model_source(self, cfg: JobConfig, info: DataInfo) -> nn.Module:
@@ -310,17 +311,38 @@ class DistillExtension(Extension):
             with torch.no_grad(), trainer._autocast():
                 t_out = self.teacher(x)
         total = (1.0 - d.alpha) * loss
+        if self.sums is None:  # kd loss, feature loss, micro-batches since the last log line
+            self.sums = torch.zeros(3, dtype=torch.float64, device=loss.device)
         if d.alpha > 0:
-            total = total + d.alpha * soft_loss(out, t_out, temperature=d.temperature)
+            kd = soft_loss(out, t_out, temperature=d.temperature)
+            total = total + d.alpha * kd
+            self.sums[0] += kd.detach().double()
         if d.pairs and d.feature_weight > 0:
             assert self.student_taps is not None and self.teacher_taps is not None
             adapters = getattr(trainer.model, TRAINING_ONLY)
             pairs = [(s, t, d.feature_weight) for s, t in d.pairs]
             by_name = {s: adapters[s.replace(".", "_")] for s, _ in d.pairs}
-            total = total + feature_loss(
+            feat = feature_loss(
                 self.student_taps.outputs, self.teacher_taps.outputs, pairs, by_name
             )
+            total = total + feat
+            self.sums[1] += feat.detach().double()
+        self.sums[2] += 1
         return total
+
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        """The mean distillation terms since the last log line, over the ranks: ``kd_loss``
+        (the soft-target loss, before ``alpha``) and ``feature_loss`` (weighted)."""
+        if self.sums is None:  # the teacher is not used (alpha 0, no pairs): on every rank
+            return {}
+        kd, feat, n = trainer.all_mean(self.sums.tolist())
+        self.sums.zero_()
+        out = {}
+        if self.d.alpha > 0:
+            out["kd_loss"] = kd / max(n, 1.0)
+        if self.d.pairs and self.d.feature_weight > 0:
+            out["feature_loss"] = feat / max(n, 1.0)
+        return out
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -325,6 +325,10 @@ class PruneExtension(Extension):
                 self._prune(trainer, self._weights(trainer.model), target, self.masks.keep)
                 self._rewind(trainer)
 
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        """The sparsity now and the schedule's target (the same on every rank)."""
+        return {"sparsity": self._sparsity(trainer), "target": self.target}
+
     def _round_end(self, trainer: Trainer) -> dict[str, float]:
         metric = trainer.evaluate()
         key = metric_key(metric)

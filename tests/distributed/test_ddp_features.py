@@ -96,3 +96,28 @@ def test_ddp_features():
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), name
     assert results[0]["no_sync"]["iter"] == (4, 4)
     assert [r["join"]["iter"] for r in results] == [6, 6]  # the joined rank kept pace
+
+
+def _compiled(rank: int, world: int) -> dict:
+    """register_dgc on torch.compile(DDP) (DDPOptimizer splits the graph at the buckets) trains
+    as the eager DDP model with the same hook does."""
+    from dtrain.comm import register_dgc
+
+    out = {}
+    for name in ("eager", "compiled"):
+        ddp = DDP(mlp())  # DDPOptimizer wants the first bucket no larger than the others
+        model = torch.compile(ddp, backend="aot_eager") if name == "compiled" else ddp
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        state = register_dgc(model, opt, density=0.05, min_compress_numel=1)
+        for step in range(5):
+            train_step(model, opt, rank, step)
+        out[name] = ([p.detach().clone() for p in ddp.parameters()], state.stats()["ratio_total"])
+    return out
+
+
+def test_dgc_on_a_compiled_ddp_model_trains_as_on_the_eager_one():
+    for r in run_ranks(_compiled, 2):
+        (eager, ratio_e), (compiled, ratio_c) = r["eager"], r["compiled"]
+        assert ratio_c == ratio_e > 1
+        for a, b in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

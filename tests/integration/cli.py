@@ -25,7 +25,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(
-    nproc: int, *args: str, timeout: float = 240, module: str = "dtrain.train"
+    nproc: int, *args: str, timeout: float = 240, module: str = "dtrain.train", **extra: str
 ) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -38,7 +38,9 @@ def torchrun(
         module,
         *args,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def single(
@@ -73,6 +75,11 @@ def srun_like(nproc: int, *args: str, timeout: float = 240) -> list[tuple[int, s
         )
     outs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
+def wandb_env(tmp: Path) -> dict[str, str]:
+    """wandb's own files (settings, cache, artifacts) under ``tmp``: nothing in HOME."""
+    return {f"WANDB_{k}_DIR": str(tmp / f"wandb-{k.lower()}") for k in ("CONFIG", "CACHE", "DATA")}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

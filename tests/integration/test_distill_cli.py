@@ -1,10 +1,14 @@
 """``dtrain.distill`` as a user runs it: under torchrun from a trained teacher, and every mistake
 as one line with exit code 2, nothing written."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from dtrain import distill, train
-from tests.integration.cli import REPO, torchrun
+from tests.integration.cli import REPO, env, read_metrics, torchrun, wandb_env
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +36,44 @@ def _repo_root(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def test_distill_under_torchrun_with_dgc_and_feature_hints(teacher):
+def test_distill_under_torchrun_with_dgc_and_feature_hints_logged_to_wandb(teacher):
     r = torchrun(
         2,
         *DISTILL, f"--distill.teacher={teacher}/teacher", f"--run.out_dir={teacher}",
         "--run.name=kd", "--run.max_steps=20", "--distill.features=conv2:conv2",
-        module="dtrain.distill",
+        "--logging.wandb=offline", "--logging.wandb_name=kd-named",
+        module="dtrain.distill", WANDB_RUN_GROUP="group-from-env", **wandb_env(teacher),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "final test accuracy" in r.stdout and "compression ratio" in r.stdout
-    assert (teacher / "kd/checkpoints/step_00000020/shared.pt").is_file()
+    run = teacher / "kd"
+    assert (run / "checkpoints/step_00000020/shared.pt").is_file()
+    lines = [m for m in read_metrics(run) if m["kind"] == "distill"]
+    assert [m["step"] for m in lines] == [10, 20]
+    assert all(m["kd_loss"] > 0 and m["feature_loss"] > 0 for m in lines)
+    # the offline wandb run: grouped metrics, the report plots as images, the identity
+    (wb,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    data = wb.read_bytes()
+    for key in (
+        "train/loss",
+        "comm/ratio",
+        "eval/test_accuracy",
+        "distill/kd_loss",
+        "distill/feature_loss",
+        "report/loss_vs_step",
+        "group-from-env",
+        "kd-named",
+    ):
+        assert key.encode() in data, key  # fmt: skip
+    assert b"train/ratio" not in data  # the counters are under comm/
+    images = sorted(p.name for p in wb.parent.glob("files/media/images/report/*.png"))
+    assert any(n.startswith("metric_vs_step") for n in images), images
+    assert (run / "plots/loss_vs_step.png").is_file()
+    sync = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(run / "wandb")],
+        env=env(**wandb_env(teacher)), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Would sync 1 run" in sync.stdout + sync.stderr, sync.stdout + sync.stderr
 
 
 def _snapshot(root):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dtrain import prune, train
-from tests.integration.cli import REPO, env, torchrun
+from tests.integration.cli import REPO, env, read_metrics, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,9 @@ def test_prune_under_torchrun_writes_report_plot_and_a_loadable_checkpoint(sourc
     assert {"test_accuracy_before", "test_accuracy_pruned", "test_accuracy_final"} <= set(report)
     assert len(report["sweep"]) == 6
     assert (run / "accuracy_vs_sparsity.png").stat().st_size > 10_000
+    pruned = [m for m in read_metrics(run) if m["kind"] == "prune"]  # wandb: prune/sparsity
+    assert [m["step"] for m in pruned] == [10, 20, 30]
+    assert pruned[-1]["sparsity"] == pytest.approx(0.9, abs=1e-4) == pruned[-1]["target"]
     # A fresh process: plain torch.load(weights_only=True), the model rebuilt from the config
     # saved beside the weights; its accuracy and sparsity are the report's.
     code = f"""

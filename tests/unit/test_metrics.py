@@ -11,7 +11,14 @@ import torch
 
 from dtrain.config import JobConfig, LoggingConfig, to_dict
 from dtrain.errors import UserError
-from dtrain.metrics import MetricsLogger, NullLogger, format_summary, make_logger
+from dtrain.metrics import (
+    MetricsLogger,
+    NullLogger,
+    format_summary,
+    make_logger,
+    wandb_identity,
+    wandb_keys,
+)
 
 CONFIG = to_dict(JobConfig())
 
@@ -200,3 +207,33 @@ def test_a_resumed_run_logs_earlier_steps_to_wandb_again(tmp_path, monkeypatch):
         (30, 1.0, None),
         (21, 0.9, None),  # no step=: wandb keeps it
     ]
+
+
+def test_wandb_groups_the_communication_counters_under_comm():
+    keys = wandb_keys("train", {"loss": 0.5, "ratio": 900.0, "bytes_sent_total": 1e6})
+    assert keys == {"train/loss": 0.5, "comm/ratio": 900.0, "comm/bytes_sent_total": 1e6}
+    assert wandb_keys("prune", {"sparsity": 0.9}) == {"prune/sparsity": 0.9}
+    assert wandb_keys("eval", {"ratio": 1.0}) == {"eval/ratio": 1.0}  # only a train line's
+
+
+def test_wandb_identity_takes_the_config_then_the_environment(tmp_path, monkeypatch):
+    for k in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_NAME"):
+        monkeypatch.delenv(k, raising=False)
+    run_dir = tmp_path / "resnet20-dgc"
+    assert wandb_identity(LoggingConfig(), run_dir) == {
+        "project": "dtrain", "entity": None, "group": None, "name": "resnet20-dgc",
+    }  # fmt: skip
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "env-group")
+    monkeypatch.setenv("WANDB_NAME", "env-name")
+    assert wandb_identity(LoggingConfig(), run_dir) == {
+        "project": "env-project", "entity": "env-team", "group": "env-group", "name": "env-name",
+    }  # fmt: skip
+    cfg = LoggingConfig(wandb_project="p", wandb_entity="e", wandb_group="g", wandb_name="n")
+    assert wandb_identity(cfg, run_dir) == {
+        "project": "p",
+        "entity": "e",
+        "group": "g",
+        "name": "n",
+    }
