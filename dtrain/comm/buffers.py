@@ -7,7 +7,7 @@ rank is known to have had finite gradients (``shared/DGC.md``), or drops them.
 
 import torch
 
-__all__ = ["flat_view", "sliced_state"]
+__all__ = ["FlatBucket", "flat_view", "sliced_state"]
 
 
 class _ParamState:
@@ -133,3 +133,36 @@ def sliced_state(state: dict, kept: dict[str, torch.Tensor]) -> dict:
         }
     out["params"] = params
     return out
+
+
+class FlatBucket:
+    """What DGC's hook reads of a ``torch.distributed.GradBucket``: one flat buffer holding the
+    gradients of ``params``, in order (a local rank's share of a bucket in hierarchical mode,
+    DeepSpeed's gradients in :mod:`dtrain.integrations.deepspeed`)."""
+
+    def __init__(
+        self, buffer: torch.Tensor, params: list[torch.Tensor], *, index: int, last: bool
+    ) -> None:
+        self._buffer, self._params, self._index, self._last = buffer, params, index, last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def gradients(self) -> list[torch.Tensor]:
+        out, at = [], 0
+        for p in self._params:
+            out.append(self._buffer[at : at + p.numel()].view_as(p))
+            at += p.numel()
+        return out
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._params
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self._last
+
+    def set_buffer(self, buffer: torch.Tensor) -> None:
+        self._buffer = buffer

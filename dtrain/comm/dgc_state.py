@@ -270,7 +270,12 @@ class DGCState:
                 if t is not None:
                     t.zero_()
 
-    def set_lr_source(self, optimizer: torch.optim.Optimizer) -> None:
+    def set_lr_source(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        param_groups: list[list[torch.Tensor]] | None = None,
+    ) -> None:
         """Read each parameter's learning rate from ``optimizer`` (``lr_weighted`` mode).
 
         The rate is read from its param group (a Python float: no device sync) once per step in
@@ -278,9 +283,12 @@ class DGCState:
         ``lr_ref`` of a parameter is its group's ``initial_lr`` (set by torch LR schedulers),
         else its rate at the first compressed step; it is saved in :meth:`state_dict`. Groups are
         looked up by number each step: ``optimizer.load_state_dict`` replaces the group dicts.
+        ``param_groups``: the model parameters of each group, where the optimizer holds other
+        tensors (DeepSpeed's ZeRO: flat partitions); default: the groups' ``params``.
         """
+        groups = param_groups or [g["params"] for g in optimizer.param_groups]
         self._optimizer = optimizer
-        self._groups = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self._groups = {p: i for i, ps in enumerate(groups) for p in ps}
 
     def _rate(self, p: torch.Tensor, st: _ParamState) -> float:
         """``r_t = lr_t / lr_ref`` of a compressed parameter (1 in the paper's mode)."""

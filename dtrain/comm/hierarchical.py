@@ -32,6 +32,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
+from dtrain.comm.buffers import FlatBucket
 from dtrain.comm.dgc import DGCState, dgc_hook
 
 __all__ = ["HierarchicalDGCState", "assign_owners", "hierarchical_dgc_hook", "node_groups"]
@@ -65,28 +66,6 @@ def node_groups(local_size: int) -> tuple[Any, Any, int, int]:
         if rank % local_size == lr:
             cross_group = g
     return node_group, cross_group, rank // local_size, rank % local_size
-
-
-class _Share:
-    """The parameters of a bucket one local rank owns, packed, shaped like a ``dist.GradBucket``."""
-
-    def __init__(self, buffer: torch.Tensor, params: list, bucket: dist.GradBucket) -> None:
-        self._buffer = buffer
-        self._params = params
-        self._last = bucket.is_last()
-        self._index = bucket.index()
-
-    def buffer(self) -> torch.Tensor:
-        return self._buffer
-
-    def parameters(self) -> list[torch.Tensor]:
-        return self._params
-
-    def is_last(self) -> bool:
-        return self._last
-
-    def index(self) -> int:
-        return self._index
 
 
 def assign_owners(numels: list[int], parts: int, loads: list[int] | None = None) -> list[int]:
@@ -196,8 +175,13 @@ class HierarchicalDGCState:
     def set_weight_decay(self, decays: dict[torch.Tensor, float]) -> None:
         self.dgc.set_weight_decay(decays)
 
-    def set_lr_source(self, optimizer: torch.optim.Optimizer) -> None:
-        self.dgc.set_lr_source(optimizer)
+    def set_lr_source(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        param_groups: list[list[torch.Tensor]] | None = None,
+    ) -> None:
+        self.dgc.set_lr_source(optimizer, param_groups=param_groups)
 
     def set_masks(self, masks: dict[torch.Tensor, torch.Tensor]) -> None:
         """Pruning masks, as :meth:`DGCState.set_masks`: the owner of a parameter never selects
@@ -351,11 +335,11 @@ def hierarchical_dgc_hook(
             share_buf = buf  # one rank per node owns every parameter, in bucket order
         nonfinite = not bool(torch.isfinite(buf.sum()))
         node_sent = 2 * nbytes if L > 1 else 0
-    share = _Share(share_buf, lay.mine, bucket)
+    share = FlatBucket(share_buf, lay.mine, index=bucket.index(), last=bucket.is_last())
     empty = size == 0  # a bucket of fewer (or lopsided) parameters than L
     if nonfinite and not empty:
         share_buf[0] = float("nan")  # every share's DGC exchange flags the step
-    # _Share has the GradBucket methods dgc_hook calls; DDP needs dgc_hook's annotation as is.
+    # FlatBucket has the GradBucket methods dgc_hook calls; DDP needs dgc_hook's annotation as is.
     dgc_hook(state.dgc, cast(dist.GradBucket, share)).wait()  # writes the result in place
     if nonfinite and empty:  # no exchange to flag: drop this rank's updates of the step directly
         with state.dgc._lock:

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dtrain.comm.dgc import DGCState, dgc_hook
 from dtrain.comm.hierarchical import HierarchicalDGCState, hierarchical_dgc_hook
 
-__all__ = ["register_dgc", "unwrap_ddp"]
+__all__ = ["prepare_dgc", "register_dgc", "unwrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,75 @@ def _move_momentum(
     )
 
 
+def prepare_dgc(
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Any,
+    *,
+    param_groups: list[list[torch.Tensor]] | None = None,
+    grad_scaler: Any = None,
+    weight_decay: str = "momentum",
+    hierarchical_local_size: int | None = None,
+    **dgc_kwargs: Any,
+) -> tuple[Any, Any, Any]:
+    """What :func:`register_dgc` does besides the DDP registration, for a caller that feeds the
+    hook its own buckets (:mod:`dtrain.integrations.deepspeed`).
+
+    Args:
+        optimizer: the model's torch optimizer (see :func:`register_dgc`).
+        named_parameters: the model's ``named_parameters()`` (the state is keyed by name).
+        param_groups: the model parameters of each of ``optimizer``'s param groups, where the
+            optimizer holds other tensors (DeepSpeed's ZeRO holds flat partitions); default:
+            the groups' own ``params``.
+        grad_scaler, weight_decay, hierarchical_local_size, **dgc_kwargs: as for
+            :func:`register_dgc`.
+
+    Returns:
+        ``(state, hook, commit)``: the validated state (attached, learning rates and weight
+        decay wired), the hook function, and ``commit()``, which moves SGD's momentum and
+        decay out of the optimizer: call it once the hook is in place.
+    """
+    if "compensate_weight_decay" in dgc_kwargs:
+        raise TypeError(
+            "register_dgc's compensate_weight_decay is now weight_decay: 'momentum' (default, "
+            "exactly SGD's), 'scaled' (was True) or 'optimizer' (was False)"
+        )
+    for key in ("momentum", "nesterov"):
+        if key in dgc_kwargs:
+            raise TypeError(
+                f"register_dgc takes {key} from the optimizer; set it there "
+                f"(or build DGCState yourself)"
+            )
+    if weight_decay not in WEIGHT_DECAY_MODES:
+        raise ValueError(
+            f"weight_decay must be one of {', '.join(map(repr, WEIGHT_DECAY_MODES))}, "
+            f"got {weight_decay!r}"
+        )
+    # Validate everything (optimizer, DGC arguments) before the optimizer changes: a refused
+    # call leaves it as it was.
+    momentum, nesterov, decays = _settings_from(optimizer)
+    hook: Any = dgc_hook
+    if hierarchical_local_size is None:
+        state: Any = DGCState(momentum=momentum, nesterov=nesterov, **dgc_kwargs)
+    else:
+        state = HierarchicalDGCState(
+            local_size=hierarchical_local_size, momentum=momentum, nesterov=nesterov, **dgc_kwargs
+        )
+        hook = hierarchical_dgc_hook
+    state.grad_scaler = grad_scaler
+    state.attach(named_parameters)
+    groups = param_groups or [list(g["params"]) for g in optimizer.param_groups]
+    if isinstance(optimizer, torch.optim.SGD):  # lr_weighted: v <- v + (lr_t / lr_ref) * u
+        state.set_lr_source(optimizer, param_groups=groups)
+    sgd_moves = isinstance(optimizer, torch.optim.SGD) and momentum > 0
+    if sgd_moves and weight_decay == "momentum":
+        state.set_weight_decay({p: wd for ps, wd in zip(groups, decays, strict=True) for p in ps})
+
+    def commit() -> None:
+        _move_momentum(optimizer, momentum, nesterov, decays, weight_decay=weight_decay)
+
+    return state, hook, commit
+
+
 def register_dgc(
     ddp_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -160,56 +229,25 @@ def register_dgc(
         >>> state = register_dgc(ddp, opt, density=0.001)
     """
     ddp = unwrap_ddp(ddp_model)
-    if "compensate_weight_decay" in dgc_kwargs:
-        raise TypeError(
-            "register_dgc's compensate_weight_decay is now weight_decay: 'momentum' (default, "
-            "exactly SGD's), 'scaled' (was True) or 'optimizer' (was False)"
-        )
-    for key in ("momentum", "nesterov"):
-        if key in dgc_kwargs:
-            raise TypeError(
-                f"register_dgc takes {key} from the optimizer; set it there "
-                f"(or build DGCState yourself)"
-            )
     if ddp._comm_hooks:
         raise RuntimeError(
             "this DDP model already has a communication hook; DDP allows one: "
             "register DGC on a freshly built DDP model"
         )
-    if weight_decay not in WEIGHT_DECAY_MODES:
-        raise ValueError(
-            f"weight_decay must be one of {', '.join(map(repr, WEIGHT_DECAY_MODES))}, "
-            f"got {weight_decay!r}"
-        )
-    # Validate everything (optimizer, DGC arguments, the hook slot) before the optimizer changes:
-    # a refused call leaves it as it was.
-    momentum, nesterov, decays = _settings_from(optimizer)
-    hook: Any = dgc_hook
     if hierarchical_local_size is None:
         dgc_kwargs.setdefault("process_group", ddp.process_group)
-        state: Any = DGCState(momentum=momentum, nesterov=nesterov, **dgc_kwargs)
-    else:
-        state = HierarchicalDGCState(
-            local_size=hierarchical_local_size, momentum=momentum, nesterov=nesterov, **dgc_kwargs
-        )
-        hook = hierarchical_dgc_hook
-    state.grad_scaler = grad_scaler
-    state.attach(ddp.module.named_parameters())
-    if isinstance(optimizer, torch.optim.SGD):  # lr_weighted: v <- v + (lr_t / lr_ref) * u
-        state.set_lr_source(optimizer)
-    sgd_moves = isinstance(optimizer, torch.optim.SGD) and momentum > 0
-    if sgd_moves and weight_decay == "momentum":
-        state.set_weight_decay(
-            {
-                p: wd
-                for g, wd in zip(optimizer.param_groups, decays, strict=True)
-                for p in g["params"]
-            }
-        )
+    state, hook, commit = prepare_dgc(
+        optimizer,
+        ddp.module.named_parameters(),
+        grad_scaler=grad_scaler,
+        weight_decay=weight_decay,
+        hierarchical_local_size=hierarchical_local_size,
+        **dgc_kwargs,
+    )
     try:
         ddp.register_comm_hook(state, hook)
     except RuntimeError as e:  # a built-in hook is not listed in _comm_hooks
         raise RuntimeError(f"this DDP model already has a communication hook ({e})") from None
-    _move_momentum(optimizer, momentum, nesterov, decays, weight_decay=weight_decay)
+    commit()
     logger.info("DGC: %s registered on %s", hook.__name__, type(ddp.module).__name__)
     return state
