@@ -79,6 +79,7 @@ COMPATIBLE_KEYS = (
     "optim.decay_norm_and_bias",  # the number of param groups the optimizer state has
     "comm.hook",
     "comm.hierarchical",  # the hook state's layout (whole parameters or shares)
+    "engine.",  # DDP or DeepSpeed, its ZeRO partitioning: where the optimizer state lives
 )
 
 _STEP_DIR = re.compile(r"step_(\d{8})(\.old)?")
@@ -335,7 +336,14 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------------- saving
 
-    def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        shared: dict[str, Any],
+        per_rank: dict[str, Any],
+        *,
+        extra: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Write a checkpoint for ``step``; collective, every rank calls it.
 
         Rank 0 writes ``shared``, every rank its ``per_rank``. Returns once the checkpoint is
@@ -347,6 +355,8 @@ class Checkpointer:
             step: The optimizer step the state belongs to.
             shared: State that is the same on every rank (only rank 0's is written).
             per_rank: This rank's own state (RNG, DGC residuals).
+            extra: Called on every rank with the checkpoint's directory before it is complete,
+                to write more files into it (DeepSpeed's engine: its ZeRO partitions).
 
         Returns:
             The checkpoint directory.
@@ -364,6 +374,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
 
         def write() -> None:
+            if extra is not None:
+                extra(tmp)
             header = {"format": FORMAT, "version": VERSION, "step": step}
             header["world_size"] = self.world_size
             if self.rank == 0:

@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointConfig",
     "CommConfig",
     "DataConfig",
+    "EngineConfig",
     "JobConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -424,6 +425,23 @@ class LoggingConfig:
 
 
 @dataclass
+class EngineConfig:
+    """What wraps the model and reduces its gradients: PyTorch's DDP or DeepSpeed's engine."""
+
+    SECTION: ClassVar[str] = "engine"
+
+    name: str = "ddp"
+    """``ddp`` (DistributedDataParallel with comm.hook) or ``deepspeed`` (its engine: ZeRO;
+    comm.hook ``allreduce`` is DeepSpeed's own reduction, ``dgc`` replaces it at ZeRO 0 and 1)."""
+    deepspeed_config: str = ""
+    """A DeepSpeed JSON config (``configs/deepspeed/zero1.json``); empty: ZeRO stage 0. dtrain
+    fills in the batch sizes, gradient accumulation and clipping from [data], [run], [optim]."""
+
+    def __post_init__(self) -> None:
+        _choice(self.SECTION, "name", self.name, ("ddp", "deepspeed"))
+
+
+@dataclass
 class JobConfig:
     """A whole job's config: one section per component."""
 
@@ -434,10 +452,24 @@ class JobConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if not self.run.name:
             self.run.name = f"{self.model.name}-{self.data.name}-{self.comm.hook}"
+        if self.engine.name == "deepspeed":
+            if self.comm.hook not in ("allreduce", "dgc"):
+                raise UserError(
+                    f"engine.name = 'deepspeed' reduces gradients itself: comm.hook = "
+                    f"'allreduce' (DeepSpeed's own) or 'dgc', got {self.comm.hook!r}"
+                )
+            if self.comm.hierarchical:
+                raise UserError("comm.hierarchical needs engine.name = 'ddp'")
+            if self.run.precision != "fp32":
+                raise UserError(
+                    f"engine.name = 'deepspeed' runs fp32 in dtrain for now, got run.precision "
+                    f"= {self.run.precision!r}: use run.precision = 'fp32' or engine.name = 'ddp'"
+                )
         if self.comm.hook == "dgc" and self.comm.flush == "true" and self.optim.name != "sgd":
             raise UserError(
                 f"comm.flush = true needs optim.name = 'sgd' (the residuals are applied at SGD's "

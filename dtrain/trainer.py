@@ -39,6 +39,7 @@ from dtrain.comm.counting import counted
 from dtrain.config import CommConfig, JobConfig, to_dict, to_toml
 from dtrain.data import DataInfo, ShardedLoader, load_data
 from dtrain.distributed import DistInfo, raise_together
+from dtrain.engine import check_deepspeed, deepspeed_config
 from dtrain.errors import UserError
 from dtrain.metrics import MetricsLogger, NullLogger, check_wandb, make_logger
 from dtrain.models import build_model
@@ -48,6 +49,7 @@ __all__ = ["Extension", "ModelSource", "Trainer", "check_run_dir", "plan_batches
 
 logger = logging.getLogger(__name__)
 
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"  # the engine's files in a checkpoint
 _VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -218,6 +220,10 @@ class Trainer:
         micro = plan_batches(
             cfg.data.batch_size, world_size=info.world_size, grad_accum=run.grad_accum
         )
+        self.ds_config: dict[str, Any] | None = None  # engine.name = "deepspeed": its config
+        if cfg.engine.name == "deepspeed":
+            check_deepspeed()
+            self.ds_config = deepspeed_config(cfg, micro_batch=micro)
         self.train_loader = ShardedLoader(
             self.data.x_train,
             self.data.y_train,
@@ -323,12 +329,24 @@ class Trainer:
         """DDP around ``self.model``, a new optimizer, hook and LR schedule at ``self.step``."""
         cfg, info = self.cfg, self.info
         cuda = info.device.type == "cuda"
-        self.ddp = DistributedDataParallel(
-            self.model,
-            device_ids=[info.device.index] if cuda else None,
-            bucket_cap_mb=cfg.comm.bucket_cap_mb,
-        )
         self.optimizer = build_optimizer(cfg.optim, self.model)
+        if self.ds_config is not None:
+            os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # srun: DeepSpeed asks
+            os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")  # no guessing
+            import deepspeed
+
+            self.ddp, *_ = deepspeed.initialize(
+                model=self.model,
+                optimizer=self.optimizer,
+                config=self.ds_config,
+                dist_init_required=False,
+            )
+        else:
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[info.device.index] if cuda else None,
+                bucket_cap_mb=cfg.comm.bucket_cap_mb,
+            )
         self.hook_state = self._register_hook(cfg.comm)
         self.scheduler = build_scheduler(
             cfg.optim,
@@ -376,13 +394,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _register_hook(self, c: CommConfig) -> Any:
+        deepspeed = self.ds_config is not None
         if c.hook == "dgc":
             warmup = c.warmup_steps or round(c.warmup_epochs * self.steps_per_epoch)
             density, warmup, gain = self._dgc_density(warmup)
-            return register_dgc(
-                self.ddp,
-                self.optimizer,
-                grad_scaler=self.scaler,
+            if deepspeed:
+                from dtrain.integrations import deepspeed as ds
+
+                register: Any = ds.register_dgc
+                args: tuple = (self.ddp,)
+            else:
+                register, args = register_dgc, (self.ddp, self.optimizer)
+            return register(
+                *args,
+                **({} if deepspeed else {"grad_scaler": self.scaler}),
                 density=density,
                 mode=c.mode,
                 selection=c.selection,
@@ -404,6 +429,10 @@ class Trainer:
                 if c.hierarchical
                 else None,
             )
+        if deepspeed:  # DeepSpeed's own reduction (comm.hook = "allreduce"), counted
+            from dtrain.integrations.deepspeed import count_reduction
+
+            return count_reduction(self.ddp)
         kwargs: dict[str, Any] = {}
         if c.hook == "powersgd":
             kwargs = {
@@ -424,7 +453,14 @@ class Trainer:
             {k: v for k, v in g.items() if k == "weight_decay" or k.startswith("dgc_")}
             for g in self.optimizer.param_groups
         ]
-        self.optimizer.load_state_dict(shared["optimizer"])  # new param group dicts
+        if self.ds_config is not None:  # the engine's own files: its ZeRO partitions
+            assert self.resume_path is not None
+            self.ddp.load_checkpoint(
+                str(self.resume_path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                load_lr_scheduler_states=False,
+            )  # fmt: skip
+        else:
+            self.optimizer.load_state_dict(shared["optimizer"])  # new param group dicts
         groups = self.optimizer.param_groups
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scheduler.base_lrs = base_lrs
@@ -457,9 +493,11 @@ class Trainer:
         logger.info("resumed from %s at step %d", self.resume_path, self.step)
 
     def _checkpoint(self) -> None:
+        deepspeed = self.ds_config is not None
         shared = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # under DeepSpeed the engine saves the optimizer (partitioned by ZeRO) itself
+            "optimizer": {} if deepspeed else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "step": self.step,
@@ -476,7 +514,13 @@ class Trainer:
             "vocab": self.data.vocab,  # a text model's characters
         }
         mine = {"hook": self.hook_state.state_dict(), "rng": rng_state()}
-        self.checkpointer.save(self.step, shared, mine)
+
+        def engine_files(directory: Path) -> None:  # collective: every rank writes its part
+            self.ddp.save_checkpoint(
+                str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False
+            )
+
+        self.checkpointer.save(self.step, shared, mine, extra=engine_files if deepspeed else None)
 
     # ------------------------------------------------------------------ one step
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -525,6 +569,14 @@ class Trainer:
         annealed = self.step_lr <= 0.1 * self.cfg.optim.lr
         return c.flush == "true" or (c.flush == "auto" and c.mode == "lr_weighted" and annealed)
 
+    def _flush(self) -> None:
+        if self.ds_config is not None:  # into the ZeRO optimizer's fp32 master copy too
+            from dtrain.integrations.deepspeed import flush
+
+            flush(self.ddp, self.hook_state)
+        else:
+            self.hook_state.flush()
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         p = self.cfg.run.precision
         if p == "fp32":
@@ -534,11 +586,14 @@ class Trainer:
 
     def _train_step(self, batches: Any, window: torch.Tensor) -> None:
         accum = self.cfg.run.grad_accum
-        self.optimizer.zero_grad(set_to_none=True)
+        engine = self.ds_config is not None
+        if not engine:
+            self.optimizer.zero_grad(set_to_none=True)
         for i in range(accum):
             x, y, self.batch_indices = next(batches)
             x, y = x.to(self.info.device), y.to(self.info.device)
-            sync = contextlib.nullcontext() if i == accum - 1 else self.ddp.no_sync()
+            last = i == accum - 1
+            sync = contextlib.nullcontext() if last or engine else self.ddp.no_sync()
             with sync:
                 with self._autocast():
                     out = self.ddp(x)
@@ -550,11 +605,21 @@ class Trainer:
                 if self.cfg.optim.bn_l1 > 0:  # Network Slimming's sparsity on BN scales
                     l1 = torch.stack([g.abs().sum() for g in self.bn_scales]).sum()
                     scaled = scaled + self.cfg.optim.bn_l1 * l1 / accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                if engine:  # DeepSpeed divides by its gradient_accumulation_steps itself
+                    self.ddp.backward(scaled * accum)
+                    self.ddp.step()  # the optimizer step (and clipping) at the boundary only
+                else:
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             # On the device: no host sync per step (read at log steps only).
             window[0] += loss.detach().double() * count
             window[1] += correct
             window[2] += count
+        if not engine:  # (DeepSpeed's engine stepped above, clipping included)
+            self._step_optimizer()
+        self.step_lr = float(self.scheduler.get_last_lr()[0])  # what this step used (for the log)
+        self.scheduler.step()
+
+    def _step_optimizer(self) -> None:
         clip = self.cfg.optim.clip_grad_norm
         if self.scaler is not None:
             if clip:
@@ -566,8 +631,6 @@ class Trainer:
             if clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
-        self.step_lr = float(self.scheduler.get_last_lr()[0])  # what this step used (for the log)
-        self.scheduler.step()
 
     # ------------------------------------------------------------------ metrics
     def all_mean(self, values: list[float]) -> list[float]:
@@ -673,7 +736,7 @@ class Trainer:
                         # what the residuals still hold, into the weights; the log shows both
                         before = self.evaluate()
                         metrics.log(self.step, before, kind="pre_flush")
-                        self.hook_state.flush()
+                        self._flush()
                     evaluated = {}
                     if self.step % cfg.logging.every_steps == 0 or last:
                         elapsed = time.perf_counter() - window_start

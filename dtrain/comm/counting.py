@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class CountingState:
     """A baseline hook's own state plus bytes per step (last, cumulative) and a step count."""
 
-    def __init__(self, name: str, inner: Any, hook: Callable) -> None:
+    def __init__(self, name: str, inner: Any, hook: Callable | None) -> None:
         # ---- the wrapped hook ----
         self.name = name
         self.inner = inner
@@ -92,6 +92,7 @@ def counting_hook(
     compressing = state.name == "powersgd" and inner.iter >= inner.start_powerSGD_iter
     before = inner.total_numel_after_compression if compressing else 0
     is_last = bucket.is_last()
+    assert state.hook is not None  # None: a state that counts an engine's own reduction
     fut = state.hook(inner, bucket)
     if compressing:  # PowerSGD's own count of what it allreduces: P, Q, uncompressed tensors
         sent = (inner.total_numel_after_compression - before) * buf.element_size()

@@ -168,6 +168,9 @@ class DGCState:
         self.value_dtype = value_dtype
         self.exchange = exchange
         self.grad_scaler: Any = None  # a torch.amp.GradScaler, set by register_dgc
+        # What the engine around the hook sends per step besides DGC (DeepSpeed's ZeRO-1: the
+        # all-gather of the updated weights), counted in stats() so the totals tell the truth.
+        self.engine_bytes_per_step = 0
 
         # ---- internal state ----
         self.iter = 0  # synchronised steps seen (t of DGC.md)
@@ -507,18 +510,21 @@ class DGCState:
 
         Bytes sent count everything this rank puts on the wire for DGC (values, indices,
         padding, the non-finite flag, dense parameters); dense bytes are what DDP's allreduce
-        would send (the gradient buckets). ``ratio`` is dense bytes / bytes sent.
+        would send (the gradient buckets). ``ratio`` is dense bytes / bytes sent. Bytes sent
+        include :attr:`engine_bytes_per_step` for every step taken.
         """
         last, total = self._last, self._total
+        extra = self.engine_bytes_per_step if self.iter else 0
+        sent, sent_total = last.sent + extra, total.sent + extra * self.iter
         return {
             "step": self.iter,
             "density": last.density,
-            "bytes_sent": last.sent,
+            "bytes_sent": sent,
             "dense_bytes": last.dense,
-            "ratio": last.dense / last.sent if last.sent else 0.0,
-            "bytes_sent_total": total.sent,
+            "ratio": last.dense / sent if sent else 0.0,
+            "bytes_sent_total": sent_total,
             "dense_bytes_total": total.dense,
-            "ratio_total": total.dense / total.sent if total.sent else 0.0,
+            "ratio_total": total.dense / sent_total if sent_total else 0.0,
             # pairs this rank selected, and how many the same density gives without masks
             "pairs_sent": last.pairs,
             "pairs_unmasked": last.pairs_unmasked,

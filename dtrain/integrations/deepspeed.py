@@ -32,10 +32,11 @@ from typing import Any
 import torch
 
 from dtrain.comm.buffers import FlatBucket
+from dtrain.comm.counting import CountingState
 from dtrain.comm.dgc_state import DGCState
 from dtrain.comm.register import prepare_dgc
 
-__all__ = ["dgc_reduce", "flush", "register_dgc"]
+__all__ = ["count_reduction", "dgc_reduce", "flush", "register_dgc"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,13 +215,20 @@ def register_dgc(engine: Any, **kwargs: Any) -> DGCState:
             dgc_reduce(state, params, [p.grad.data for p in params if p.grad is not None])
 
         engine.buffered_allreduce_fallback = buffered_allreduce_fallback
+    if stage == 1:  # ZeRO-1 still all-gathers the updated weights: each rank sends its part
+        state.engine_bytes_per_step = _grad_bytes(engine) // int(engine.dp_world_size)
     commit()
     logger.info(
-        "DGC: replaces DeepSpeed's gradient reduction (ZeRO stage %d, %s)",
+        "DGC: replaces DeepSpeed's gradient reduction (ZeRO stage %d, %s)%s",
         stage,
         type(opt).__name__,
+        "; the all-gather of the updated weights stays (counted)" if stage == 1 else "",
     )
     return state
+
+
+def _grad_bytes(engine: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.module.parameters() if p.requires_grad)
 
 
 def flush(engine: Any, state: DGCState) -> int:
@@ -231,3 +239,36 @@ def flush(engine: Any, state: DGCState) -> int:
     if refresh is not None:
         refresh()
     return n
+
+
+def count_reduction(engine: Any) -> CountingState:
+    """Count the bytes DeepSpeed's own gradient reduction sends, as :mod:`dtrain.comm.counting`
+    counts DDP's: the payload a rank hands to its collectives per optimizer step. ZeRO 0 and 1
+    reduce the whole gradient once per step (at the accumulation boundary), ZeRO 2 and 3 every
+    micro-batch; from stage 1 on every rank also all-gathers the updated weights (its partition
+    of them: 1/N). Dense bytes are DDP's: the fp32 gradients once per step.
+
+    Returns:
+        A :class:`CountingState` whose ``stats()`` the job logs like any hook's.
+    """
+    state = CountingState("allreduce", None, None)
+    grads = _grad_bytes(engine)
+    stage = int(engine.zero_optimization_stage())
+    world = int(engine.dp_world_size)
+    allreduce_gradients = engine.allreduce_gradients
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        boundary = bool(engine.is_gradient_accumulation_boundary())
+        if stage >= 2 or boundary:
+            state._cur[0] += grads
+        if boundary:
+            state._cur[0] += grads // world if stage >= 1 else 0  # the weights' all-gather
+            state._cur[1] += grads
+            state._last = state._cur
+            state._total = [a + b for a, b in zip(state._total, state._cur, strict=True)]
+            state._cur = [0, 0]
+            state.iter += 1
+        return allreduce_gradients(*args, **kwargs)
+
+    engine.allreduce_gradients = counted
+    return state

@@ -140,6 +140,14 @@ class PruneExtension(Extension):
     def check(self, trainer: Trainer, model: nn.Module) -> None:
         """Refuse what cannot be pruned, before anything is written."""
         p = self.p
+        if trainer.cfg.engine.name != "ddp":
+            # The masks are applied to the weights and the optimizer's state; under ZeRO the
+            # optimizer keeps its own master copy of the weights, which would undo them.
+            raise UserError(
+                f"dtrain.prune fine-tunes with engine.name = 'ddp' only, got "
+                f"{trainer.cfg.engine.name!r}: ZeRO's master copy of the weights would undo "
+                f"the masks; use --engine.name=ddp"
+            )
         if p.granularity == "channels":
             self._check_channels(trainer, model)
             return

@@ -47,6 +47,15 @@ def run_ok(argv):
         (["--optim.lrr=0.1"], "did you mean 'optim.lr'"),
         (["--optim.lr=fast"], "optim.lr must be float"),
         (["--comm.density=2"], "comm.density must be in (0, 1]"),
+        (["--engine.name=horovod"], "engine.name must be one of ddp, deepspeed"),
+        (
+            ["--engine.name=deepspeed", "--engine.deepspeed_config=configs/nope.json"],
+            "engine.deepspeed_config = 'configs/nope.json': no such file",
+        ),
+        (
+            ["--engine.name=deepspeed", "--engine.deepspeed_config=configs/deepspeed/zero2.json"],
+            "comm.hook = 'dgc' under DeepSpeed needs ZeRO stage 0 or 1",
+        ),
         (["--data.name=cifar10", "--data.path=/nonexistent/cifar"], "/nonexistent/cifar"),
         (["--data.name=text", "--data.path=/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
         (["--data.batch_size=64", "--run.grad_accum=3"], "not divisible"),

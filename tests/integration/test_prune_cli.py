@@ -155,6 +155,7 @@ def _snapshot(root):
             "prunes once or in rounds: set prune.method = 'oneshot' or 'iterative'",
         ),
         (["--prune.granularity=channels", "--prune.ignore=fc7"], "no layer named 'fc7'"),
+        (["--engine.name=deepspeed"], "dtrain.prune fine-tunes with engine.name = 'ddp' only"),
         (
             ["--prune.granularity=channels", "--prune.groups=stage"],
             "prune.groups must be one of all, blocks, stages",

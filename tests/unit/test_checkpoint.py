@@ -209,6 +209,10 @@ def test_check_compatible():
     d = to_dict(JobConfig())
     d["data"]["synthetic_shape"] = (3, 32, 32)  # tuples and lists compare equal
     check_compatible(a, d)
+    e = to_dict(JobConfig())
+    e["engine"]["name"] = "deepspeed"  # the optimizer state lives elsewhere
+    with pytest.raises(UserError, match=r"saved with engine.name = 'ddp', this job has"):
+        check_compatible(a, e)
 
 
 def _draw() -> tuple:
