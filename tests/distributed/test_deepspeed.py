@@ -127,3 +127,89 @@ def test_dgc_inside_deepspeed_equals_dgc_on_ddp_and_resumes_exactly(tmp_path):
         assert "overlap_comm = false" in r["overlap"]
     for a, b in zip(results[0]["zero1"]["params"], results[1]["zero1"]["params"], strict=True):
         assert torch.equal(a, b)  # the ranks agree
+
+
+def _bf16(rank: int, world: int) -> dict:
+    """bf16 engines: at density 1 (nothing held back) DGC's reduction equals DeepSpeed's own,
+    for ZeRO-0 (bf16 gradients) and ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer)."""
+    import deepspeed
+
+    from dtrain.integrations import deepspeed as ds
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    out = {}
+    for name, stage, extra in [
+        ("zero0", 0, {}),
+        ("zero1_fp32_accum", 1, {"data_types": {"grad_accum_dtype": "fp32"}}),
+    ]:
+        params: dict = {}
+        for how in ("deepspeed", "dgc", "dgc_sparse"):
+            model = mlp()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            config = {
+                "train_micro_batch_size_per_gpu": 16, "gradient_clipping": 0.0,
+                "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                "bf16": {"enabled": True}, "communication_data_type": "fp32", **extra,
+            }  # fmt: skip
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+            state = None
+            if how != "deepspeed":
+                density = 1.0 if how == "dgc" else 0.05
+                state = ds.register_dgc(engine, density=density, min_compress_numel=1)
+            for step in range(3):
+                x, y = batch(rank, step)
+                engine.backward(nn.functional.cross_entropy(engine(x.bfloat16()).float(), y))
+                engine.step()
+            params[how] = [p.detach().float().clone() for p in engine.module.parameters()]
+            if state is not None:
+                params[f"{how}_iter"] = state.iter
+        out[name] = params
+    return out
+
+
+def test_dgc_inside_bf16_engines_reduces_as_deepspeed_does_at_density_one():
+    for r in run_ranks(_bf16, 2, timeout=600):
+        for name, got in r.items():
+            assert got["dgc_iter"] == got["dgc_sparse_iter"] == 3, name  # the hook ran
+            for a, b in zip(got["deepspeed"], got["dgc"], strict=True):
+                assert torch.equal(a, b), name
+            assert not all(  # and at density 0.05 it held most of the gradient back
+                torch.equal(a, b) for a, b in zip(got["deepspeed"], got["dgc_sparse"], strict=True)
+            ), name
+
+
+def _flushed(rank: int, world: int) -> dict:
+    """ZeRO-1 keeps an fp32 master copy of the weights: flush() must reach it, or the next step
+    (here at learning rate 0) puts the weights back."""
+    from dtrain.integrations import deepspeed as ds
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    out = {}
+    for how in ("state.flush", "ds.flush"):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine = _engine(model, opt, 1)
+        state = ds.register_dgc(engine, **DGC)
+        for step in range(3):
+            x, y = batch(rank, step)
+            engine.backward(nn.functional.cross_entropy(engine(x), y))
+            engine.step()
+        before = [p.detach().clone() for p in model.parameters()]
+        (state.flush() if how == "state.flush" else ds.flush(engine, state))
+        flushed = [p.detach().clone() for p in model.parameters()]
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        x, y = batch(rank, 9)
+        engine.backward(nn.functional.cross_entropy(engine(x), y))
+        engine.step()
+        after = [p.detach().clone() for p in model.parameters()]
+        same = all(torch.equal(a, b) for a, b in zip(flushed, after, strict=True))
+        moved = not all(torch.equal(a, b) for a, b in zip(before, flushed, strict=True))
+        out[how] = (moved, same)
+    return out
+
+
+def test_flush_under_zero1_reaches_the_master_weights():
+    for r in run_ranks(_flushed, 2, timeout=600):
+        assert r["ds.flush"] == (True, True)  # flushed, and kept
+        assert r["state.flush"] == (True, False)  # what it guards against: undone
