@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None, job: Job = TRAIN) -> tuple[argparse.Names
     p.add_argument("--config", help="TOML config file (default: built-in defaults)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--check", action="store_true", help="validate the input, then exit")
+    # The deepspeed launcher (and torch.distributed.launch) pass it; the rank comes from the
+    # environment they set, as under torchrun.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p.parse_known_args(argv)
 
 

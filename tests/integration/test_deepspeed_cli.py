@@ -3,12 +3,14 @@ ZeRO-1 with DGC against DDP with DGC, its checkpoint (the engine's ZeRO partitio
 dtrain's) resumed bit for bit, ZeRO-2 with DeepSpeed's own reduction and its bytes counted."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.cli import REPO, read_metrics, torchrun
+from tests.integration.cli import REPO, env, free_port, read_metrics, torchrun
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("deepspeed")
@@ -74,3 +76,19 @@ def test_zero2_with_deepspeeds_reduction_counts_its_bytes(tmp_path):
     # the whole gradient reduced, and this rank's half of the weights all-gathered
     assert line["bytes_sent"] == pytest.approx(1.5 * line["dense_bytes"], rel=1e-3)
     assert line["dense_bytes"] > 250_000  # the digits CNN's 71,754 fp32 gradients
+
+
+def test_the_deepspeed_launcher_starts_the_job(tmp_path):
+    """``deepspeed --num_accelerators 2 --module dtrain.train ...``: it passes --local_rank and
+    sets the ranks in the environment, as torchrun does."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2",
+           "--master_port", str(free_port()), "--module", "dtrain.train", *BASE,
+           "--engine.name=deepspeed", "--engine.deepspeed_config=configs/deepspeed/zero1.json",
+           "--run.max_steps=10", f"--run.out_dir={tmp_path}", "--run.name=launched"]  # fmt: skip
+    e = env(DS_ACCELERATOR="cpu", **DS_ENV)
+    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "final test accuracy" in r.stdout and "10 steps in" in r.stdout
+    summary = read_metrics(tmp_path / "launched")[-1]
+    assert (summary["kind"], summary["world_size"], summary["steps"]) == ("summary", 2, 10)
+    assert (tmp_path / "launched/checkpoints/step_00000010/deepspeed/state").is_dir()

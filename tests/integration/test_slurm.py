@@ -211,3 +211,27 @@ def test_pipeline_under_srun_on_two_nodes(cluster: SlurmCluster, tmp_path: Path)
     assert json.loads(finetune[-1])["world_size"] == 2
     report = json.loads((tmp_path / "p/pipeline_report.json").read_text())
     assert report["rows"][-1]["stage"].startswith("export (onnx")
+
+
+def test_deepspeed_engine_with_dgc_under_srun_on_two_nodes(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """engine.name = "deepspeed" (ZeRO-1, DGC) launched by srun without torchrun: the ranks from
+    SLURM_*, the engine's files in the final checkpoint."""
+    _run(
+        cluster,
+        "slurm/train_srun.sbatch",
+        ["--nodes=2", "--ntasks-per-node=1"],
+        tmp_path,
+        job_args=(
+            "--engine.name=deepspeed",
+            "--engine.deepspeed_config=configs/deepspeed/zero1.json",
+        ),
+        extra_env={"TORCH_EXTENSIONS_DIR": str(REPO / ".venv/torch_extensions")},
+    )
+    state = tmp_path / f"run/checkpoints/step_{STEPS:08d}/deepspeed/state"
+    names = sorted(p.name for p in state.iterdir())
+    assert [n for n in names if n.startswith("zero_pp_rank_")] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ], names
