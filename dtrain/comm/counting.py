@@ -50,6 +50,17 @@ class CountingState:
             "ratio_total": td / ts if ts else 0.0,
         }
 
+    def add(self, sent: int, dense: int, *, end_step: bool) -> None:
+        """Count ``sent`` and ``dense`` bytes for the step in progress; ``end_step``: it is
+        complete (its bytes become the last step's and join the totals)."""
+        self._cur[0] += sent
+        self._cur[1] += dense
+        if end_step:
+            self._last = self._cur
+            self._total = [a + b for a, b in zip(self._total, self._cur, strict=True)]
+            self._cur = [0, 0]
+            self.iter += 1
+
     def state_dict(self) -> dict[str, Any]:
         """Step count and byte totals. PowerSGD's error feedback and low-rank factors are keyed
         by DDP's bucket index, which a rebuilt DDP model assigns anew after its first step, so
@@ -100,13 +111,7 @@ def counting_hook(
         sent = buf.numel() * 2
     else:
         sent = dense
-    state._cur[0] += sent
-    state._cur[1] += dense
-    if is_last:
-        state._last = state._cur
-        state._total = [a + b for a, b in zip(state._total, state._cur, strict=True)]
-        state._cur = [0, 0]
-        state.iter += 1
+    state.add(sent, dense, end_step=is_last)
     return fut
 
 

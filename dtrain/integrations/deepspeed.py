@@ -244,7 +244,7 @@ def flush(engine: Any, state: DGCState) -> int:
 def count_reduction(engine: Any) -> CountingState:
     """Count the bytes DeepSpeed's own gradient reduction sends, as :mod:`dtrain.comm.counting`
     counts DDP's: the payload a rank hands to its collectives per optimizer step. ZeRO 0 and 1
-    reduce the whole gradient once per step (at the accumulation boundary), ZeRO 2 and 3 every
+    reduce the whole gradient once per step (at the accumulation boundary), ZeRO 2 every
     micro-batch; from stage 1 on every rank also all-gathers the updated weights (its partition
     of them: 1/N). Dense bytes are DDP's: the fp32 gradients once per step.
 
@@ -259,15 +259,10 @@ def count_reduction(engine: Any) -> CountingState:
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         boundary = bool(engine.is_gradient_accumulation_boundary())
-        if stage >= 2 or boundary:
-            state._cur[0] += grads
-        if boundary:
-            state._cur[0] += grads // world if stage >= 1 else 0  # the weights' all-gather
-            state._cur[1] += grads
-            state._last = state._cur
-            state._total = [a + b for a, b in zip(state._total, state._cur, strict=True)]
-            state._cur = [0, 0]
-            state.iter += 1
+        sent = grads if stage >= 2 or boundary else 0  # ZeRO-2 reduces every micro-batch
+        if boundary and stage >= 1:
+            sent += grads // world  # this rank's part of the weights' all-gather
+        state.add(sent, grads if boundary else 0, end_step=boundary)
         return allreduce_gradients(*args, **kwargs)
 
     engine.allreduce_gradients = counted
