@@ -1,5 +1,5 @@
-"""Bytes per step and step time: DDP (allreduce, DGC) against DeepSpeed (ZeRO 0, 1, 2, and DGC
-inside ZeRO 0 and 1), the same model, data and ranks, one run.
+"""Bytes per step and step time: DDP (allreduce, DGC) against DeepSpeed (ZeRO 0-3, CPU offload,
+and DGC inside ZeRO 0 and 1), the same model, data and ranks, one run.
 
 Command (defaults shown)::
 
@@ -10,8 +10,9 @@ Each variant is a ``dtrain.train`` job under torchrun on this host (gloo on CPU,
 ``configs/mlp_synthetic.toml`` (an MLP of 2.1M parameters on synthetic 32x32 inputs, batch
 128, DGC at density 0.001, warm-up 5 steps). Bytes are each rank's collective payload per
 optimizer step, counted as the jobs count them (``comm/bytes_sent``; DDP's fp32 allreduce is
-the dense reference; from ZeRO-1 on, each rank's share of the all-gather of the updated weights
-is included, with DGC too). Step time is the median of the logged windows after the first
+the dense reference; DeepSpeed's own reduction is measured at its communication backend, so
+ZeRO-3's parameter all-gathers count; with DGC, ZeRO-1's share of the all-gather of the updated
+weights is included). Step time is the median of the logged windows after the first
 (start-up and DeepSpeed's set-up excluded); the first window also holds DGC's warm-up, so
 ``--steps`` must leave several.
 """
@@ -30,8 +31,12 @@ VARIANTS = {  # name -> overrides
             "--engine.name=deepspeed", f"--engine.deepspeed_config=configs/deepspeed/zero{z}.json",
             "--comm.hook=allreduce",
         ]
-        for z in (0, 1, 2)
+        for z in (0, 1, 2, 3)
     },
+    "DeepSpeed ZeRO-3 + CPU offload, its allreduce": [
+        "--engine.name=deepspeed", "--engine.deepspeed_config=configs/deepspeed/zero3_offload.json",
+        "--comm.hook=allreduce",
+    ],
     **{
         f"DeepSpeed ZeRO-{z}, DGC": [
             "--engine.name=deepspeed", f"--engine.deepspeed_config=configs/deepspeed/zero{z}.json",
@@ -39,6 +44,10 @@ VARIANTS = {  # name -> overrides
         ]
         for z in (0, 1)
     },
+    "DeepSpeed ZeRO-1 + CPU offload, DGC": [
+        "--engine.name=deepspeed", "--engine.deepspeed_config=configs/deepspeed/zero1_offload.json",
+        "--comm.hook=dgc",
+    ],
 }  # fmt: skip
 
 

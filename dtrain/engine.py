@@ -7,14 +7,26 @@ engine partitions (``zero_optimization``) and anything else DeepSpeed offers, an
 """
 
 import json
+import os
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from dtrain.config import JobConfig
 from dtrain.errors import UserError
 
-__all__ = ["check_deepspeed", "deepspeed_config", "zero_stage"]
+__all__ = [
+    "check_deepspeed",
+    "deepspeed_config",
+    "initialize",
+    "model_state",
+    "release",
+    "weights_changed",
+    "zero_stage",
+]
 
 _OWNED = {  # DeepSpeed keys that dtrain sets from the job, and where they come from
     "optimizer": "[optim]",
@@ -90,6 +102,22 @@ def deepspeed_config(cfg: JobConfig, *, micro_batch: int) -> dict[str, Any]:
     stage = zero_stage(base)
     if not 0 <= stage <= 3:
         raise UserError(f"{path}: zero_optimization.stage must be 0-3, got {stage}")
+    offload = [k for k in ("offload_optimizer", "offload_param") if zero.get(k)]
+    if "offload_param" in offload and stage != 3:
+        raise UserError(
+            f"{path}: zero_optimization.offload_param needs stage 3 (it offloads the "
+            f"partitioned parameters), the file has {stage}: use offload_optimizer"
+        )
+    if "offload_optimizer" in offload and stage == 0:
+        raise UserError(
+            f"{path}: zero_optimization.offload_optimizer needs stage 1-3 (it offloads the "
+            f"partitioned optimizer state), the file has 0"
+        )
+    if stage == 3 and cfg.optim.bn_l1 > 0:
+        raise UserError(
+            f"optim.bn_l1 = {cfg.optim.bn_l1} (Network Slimming) under ZeRO-3 ({path}): the "
+            f"batch norms' scales are partitioned outside their layers' forward; use stage 0-2"
+        )
     if cfg.comm.hook == "dgc":
         if stage >= 2:
             raise UserError(
@@ -115,5 +143,54 @@ def deepspeed_config(cfg: JobConfig, *, micro_batch: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.batch_size,
         "gradient_clipping": float(cfg.optim.clip_grad_norm),  # DeepSpeed's default is 1.0
         "zero_allow_untested_optimizer": True,  # dtrain's torch SGD / AdamW
+        # with offload, dtrain's torch optimizer steps on the CPU copy (not DeepSpeed's own)
+        **({"zero_force_ds_cpu_optimizer": False} if offload else {}),
         "steps_per_print": base.get("steps_per_print", 10**9),  # dtrain logs its own metrics
     }
+
+
+def initialize(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    *,
+    device: torch.device,
+    local_rank: int,
+) -> Any:
+    """``deepspeed.initialize`` with dtrain's model, optimizer and :func:`deepspeed_config`, in
+    the process group dtrain made; returns the engine."""
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))  # under srun DeepSpeed asks for it
+    os.environ.setdefault("DS_ACCELERATOR", device.type if device.type == "cuda" else "cpu")
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, dist_init_required=False
+    )
+    return engine
+
+
+def model_state(engine: Any) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on every rank (a collective under ZeRO-3, which partitions
+    the parameters: they are gathered, copied and released again)."""
+    module = engine.module
+    if int(engine.zero_optimization_stage()) < 3:
+        return module.state_dict()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def weights_changed(engine: Any) -> None:
+    """After the model's weights were changed in place (pruning masks, a rewind, DGC's flush):
+    ZeRO 1 and 2 keep an fp32 master copy of their partition, which would undo the change at the
+    next step; it is refreshed from the weights."""
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
+
+
+def release(engine: Any) -> None:
+    """Detach an engine from its model before another is built on it (the hooks DeepSpeed put on
+    the parameters are removed; left, they would reduce the gradients a second time)."""
+    engine.destroy()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dtrain import engine as ds_engine
 from dtrain.checkpoint import (
     Checkpointer,
     atomic_write_text,
@@ -39,7 +40,6 @@ from dtrain.comm.counting import counted
 from dtrain.config import CommConfig, JobConfig, to_dict, to_toml
 from dtrain.data import DataInfo, ShardedLoader, load_data
 from dtrain.distributed import DistInfo, raise_together
-from dtrain.engine import check_deepspeed, deepspeed_config
 from dtrain.errors import UserError
 from dtrain.metrics import MetricsLogger, NullLogger, check_wandb, make_logger
 from dtrain.models import build_model
@@ -222,8 +222,8 @@ class Trainer:
         )
         self.ds_config: dict[str, Any] | None = None  # engine.name = "deepspeed": its config
         if cfg.engine.name == "deepspeed":
-            check_deepspeed()
-            self.ds_config = deepspeed_config(cfg, micro_batch=micro)
+            ds_engine.check_deepspeed()
+            self.ds_config = ds_engine.deepspeed_config(cfg, micro_batch=micro)
         self.train_loader = ShardedLoader(
             self.data.x_train,
             self.data.y_train,
@@ -331,16 +331,10 @@ class Trainer:
         cuda = info.device.type == "cuda"
         self.optimizer = build_optimizer(cfg.optim, self.model)
         if self.ds_config is not None:
-            os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # srun: DeepSpeed asks
-            os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")  # no guessing
-            import deepspeed
-
-            self.ddp, *_ = deepspeed.initialize(
-                model=self.model,
-                optimizer=self.optimizer,
-                config=self.ds_config,
-                dist_init_required=False,
-            )
+            self.ddp = ds_engine.initialize(
+                self.model, self.optimizer, self.ds_config,
+                device=info.device, local_rank=info.local_rank,
+            )  # fmt: skip
         else:
             self.ddp = DistributedDataParallel(
                 self.model,
@@ -373,11 +367,15 @@ class Trainer:
                 hierarchical DGC hook) they start empty.
         """
         carry = carry or {}
+        # (under ZeRO 1-2 the optimizer's state is keyed by its flat partitions: it restarts)
         old_opt = {n: self.optimizer.state.get(p, {}) for n, (p, _) in carry.items()}
         old_hook = self.hook_state.state_dict() if carry and _carries(self.cfg.comm) else None
+        if self.ds_config is not None:
+            ds_engine.release(self.ddp)
         for name in ("ddp", "optimizer", "scheduler", "hook_state"):
             self.__dict__.pop(name, None)
         self.model.to(self.info.device)
+        self.model.zero_grad(set_to_none=True)  # e.g. a criterion's; an engine would add to them
         self._wire()
         params = dict(self.model.named_parameters())
         for name, state in old_opt.items():
@@ -492,10 +490,17 @@ class Trainer:
             ext.load_state_dict(saved[ext.name])
         logger.info("resumed from %s at step %d", self.resume_path, self.step)
 
+    def weights_changed(self) -> None:
+        """Call after changing the model's weights in place (masks, a rewind): the engine's own
+        copies follow (ZeRO's fp32 master partition; DDP has none)."""
+        if self.ds_config is not None:
+            ds_engine.weights_changed(self.ddp)
+
     def _checkpoint(self) -> None:
         deepspeed = self.ds_config is not None
         shared = {
-            "model": self.model.state_dict(),
+            # (ZeRO-3: gathered, on every rank)
+            "model": ds_engine.model_state(self.ddp) if deepspeed else self.model.state_dict(),
             # under DeepSpeed the engine saves the optimizer (partitioned by ZeRO) itself
             "optimizer": {} if deepspeed else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

@@ -228,7 +228,12 @@ def register_dgc(engine: Any, **kwargs: Any) -> DGCState:
 
 
 def _grad_bytes(engine: Any) -> int:
-    return sum(p.numel() * p.element_size() for p in engine.module.parameters() if p.requires_grad)
+    """The model's gradient bytes (under ZeRO-3 a parameter's ``ds_numel``: its full size)."""
+    return sum(
+        getattr(p, "ds_numel", p.numel()) * p.element_size()
+        for p in engine.module.parameters()
+        if p.requires_grad
+    )
 
 
 def flush(engine: Any, state: DGCState) -> int:
@@ -241,29 +246,100 @@ def flush(engine: Any, state: DGCState) -> int:
     return n
 
 
+# DeepSpeed's collectives (methods of its communication backend, ``deepspeed.comm.comm.cdb``,
+# a TorchBackend) and the argument holding what this rank hands to each, by name and position
+# (DeepSpeed's decorators hide the signatures): the payload counted.
+_PAYLOADS = {
+    "all_reduce": ("tensor", 0), "inference_all_reduce": ("tensor", 0),
+    "all_reduce_coalesced": ("tensors", 0), "reduce": ("tensor", 0),
+    "reduce_scatter": ("input_list", 1), "reduce_scatter_tensor": ("input_tensor", 1),
+    "all_gather": ("tensor", 1), "all_gather_into_tensor": ("input_tensor", 1),
+    "all_gather_base": ("input_tensor", 1), "all_gather_coalesced": ("input_tensors", 1),
+    "all_to_all_single": ("input", 1), "all_to_all": ("input_tensor_list", 1),
+    "broadcast": ("tensor", 0),
+}  # fmt: skip
+
+
+class _Meter:
+    """Bytes handed to DeepSpeed's collectives while a training step is open (metadata only:
+    sizes, no host read of a device tensor)."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.sent = 0
+
+    def take(self) -> int:
+        sent, self.sent, self.open = self.sent, 0, False
+        return sent
+
+
+_METER = _Meter()
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def _meter_backend() -> None:
+    """Wrap DeepSpeed's communication backend's collectives, once per process, to add their
+    payload to :data:`_METER` while it is open (a broadcast counts on its source rank only)."""
+    from deepspeed.comm import comm
+
+    cdb = comm.cdb
+    if cdb is None or getattr(cdb, "_dtrain_metered", False):
+        return
+    rank = torch.distributed.get_rank()
+    for name, (arg, at) in _PAYLOADS.items():
+        method = getattr(cdb, name, None)
+        if not callable(method):
+            continue
+
+        def metered(*args: Any, _m: Any = method, _arg: str = arg, _at: int = at,
+                    _bcast: bool = name == "broadcast", **kwargs: Any) -> Any:  # fmt: skip
+            if _METER.open:
+                src = kwargs.get("src", args[1] if len(args) > 1 else None) if _bcast else rank
+                payload = kwargs.get(_arg, args[_at] if len(args) > _at else None)
+                if src == rank:
+                    _METER.sent += _nbytes(payload)
+            return _m(*args, **kwargs)
+
+        setattr(cdb, name, metered)
+    cdb._dtrain_metered = True
+
+
 def count_reduction(engine: Any) -> CountingState:
-    """Count the bytes DeepSpeed's own gradient reduction sends, as :mod:`dtrain.comm.counting`
-    counts DDP's: the payload a rank hands to its collectives per optimizer step. ZeRO 0 and 1
-    reduce the whole gradient once per step (at the accumulation boundary), ZeRO 2 every
-    micro-batch; from stage 1 on every rank also all-gathers the updated weights (its partition
-    of them: 1/N). Dense bytes are DDP's: the fp32 gradients once per step.
+    """Count the bytes DeepSpeed's engine sends, as :mod:`dtrain.comm.counting` counts DDP's:
+    the payload this rank hands to DeepSpeed's collectives from the start of a step's first
+    forward to the end of its optimizer step, measured at DeepSpeed's communication backend:
+    ZeRO 0 and 1 reduce the whole gradient once per step (at the accumulation boundary), ZeRO 2
+    and 3 every micro-batch; from stage 1 on every rank all-gathers its part of the updated
+    weights, ZeRO-3 also the parameters it does not hold before the layers that use them.
+    Evaluation and checkpoints (outside a step) are not counted. Dense bytes are DDP's: the
+    fp32 gradients once per step.
 
     Returns:
         A :class:`CountingState` whose ``stats()`` the job logs like any hook's.
     """
     state = CountingState("allreduce", None, None)
     grads = _grad_bytes(engine)
-    stage = int(engine.zero_optimization_stage())
-    world = int(engine.dp_world_size)
-    allreduce_gradients = engine.allreduce_gradients
+    _meter_backend()
+    forward, step = engine.forward, engine.step
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted_forward(*args: Any, **kwargs: Any) -> Any:
+        if engine.module.training:
+            _METER.open = True
+        return forward(*args, **kwargs)
+
+    def counted_step(*args: Any, **kwargs: Any) -> Any:
         boundary = bool(engine.is_gradient_accumulation_boundary())
-        sent = grads if stage >= 2 or boundary else 0  # ZeRO-2 reduces every micro-batch
-        if boundary and stage >= 1:
-            sent += grads // world  # this rank's part of the weights' all-gather
-        state.add(sent, grads if boundary else 0, end_step=boundary)
-        return allreduce_gradients(*args, **kwargs)
+        out = step(*args, **kwargs)
+        if boundary:
+            state.add(_METER.take(), grads, end_step=True)
+        return out
 
-    engine.allreduce_gradients = counted
+    engine.forward, engine.step = counted_forward, counted_step
     return state

@@ -22,6 +22,7 @@ from dtrain.checkpoint import load_shared, restore_model
 from dtrain.config import JobConfig, to_dict
 from dtrain.data import DataInfo
 from dtrain.distributed import DistInfo
+from dtrain.engine import zero_stage
 from dtrain.errors import UserError
 from dtrain.jobs.prune_config import METHODS, PruneConfig, PruneJobConfig
 from dtrain.models import build_model
@@ -140,13 +141,17 @@ class PruneExtension(Extension):
     def check(self, trainer: Trainer, model: nn.Module) -> None:
         """Refuse what cannot be pruned, before anything is written."""
         p = self.p
-        if trainer.cfg.engine.name != "ddp":
-            # The masks are applied to the weights and the optimizer's state; under ZeRO the
-            # optimizer keeps its own master copy of the weights, which would undo them.
+        stage = zero_stage(trainer.ds_config) if trainer.ds_config is not None else 0
+        taylor = p.granularity == "channels" and p.criterion == "taylor"
+        if stage == 3 or (stage == 2 and taylor):
+            why = (
+                "partitions the weights the masks multiply"
+                if stage == 3
+                else "reduces and frees the gradients during backward, which Taylor reads"
+            )
             raise UserError(
-                f"dtrain.prune fine-tunes with engine.name = 'ddp' only, got "
-                f"{trainer.cfg.engine.name!r}: ZeRO's master copy of the weights would undo "
-                f"the masks; use --engine.name=ddp"
+                f"dtrain.prune under ZeRO-{stage} ({trainer.cfg.engine.deepspeed_config}): "
+                f"ZeRO-{stage} {why}; use configs/deepspeed/zero1.json"
             )
         if p.granularity == "channels":
             self._check_channels(trainer, model)
@@ -322,6 +327,7 @@ class PruneExtension(Extension):
     def after_step(self, trainer: Trainer) -> None:
         assert self.masks is not None  # made in on_start
         self.masks.apply_(trainer.optimizer)
+        trainer.weights_changed()
         step = trainer.step
         if step < trainer.total_steps and self.round_of(step) != self.round_of(step - 1):
             self.rounds.append(self._round_end(trainer))
@@ -354,6 +360,7 @@ class PruneExtension(Extension):
             reset()
         assert self.masks is not None
         self.masks.apply_(trainer.optimizer)
+        trainer.weights_changed()
         if trainer.info.is_main:
             logger.info("rewound to the %s weights at step %d", self.p.rewind_mode, trainer.step)
 
@@ -381,6 +388,7 @@ class PruneExtension(Extension):
             raise UserError(str(e)) from None
         self.masks = MaskSet(self._weights(trainer.model), masks)
         self.masks.apply_(trainer.optimizer)
+        trainer.weights_changed()
         set_masks = getattr(trainer.hook_state, "set_masks", None)
         if set_masks is not None:  # DGC: pruned coordinates are never sent
             set_masks(self.masks.by_param())

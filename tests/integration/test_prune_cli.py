@@ -155,7 +155,14 @@ def _snapshot(root):
             "prunes once or in rounds: set prune.method = 'oneshot' or 'iterative'",
         ),
         (["--prune.granularity=channels", "--prune.ignore=fc7"], "no layer named 'fc7'"),
-        (["--engine.name=deepspeed"], "dtrain.prune fine-tunes with engine.name = 'ddp' only"),
+        (
+            [
+                "--engine.name=deepspeed",
+                "--engine.deepspeed_config=configs/deepspeed/zero3.json",
+                "--comm.hook=allreduce",
+            ],
+            "dtrain.prune under ZeRO-3 (configs/deepspeed/zero3.json): ZeRO-3 partitions",
+        ),
         (
             ["--prune.granularity=channels", "--prune.groups=stage"],
             "prune.groups must be one of all, blocks, stages",

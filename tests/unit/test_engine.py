@@ -1,15 +1,18 @@
 """The DeepSpeed config a job runs with (dtrain.engine.deepspeed_config): merged, and refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from dtrain.config import CommConfig, DataConfig, EngineConfig, JobConfig, RunConfig
+from dtrain.config import CommConfig, DataConfig, EngineConfig, JobConfig, OptimConfig, RunConfig
 from dtrain.engine import deepspeed_config
 from dtrain.errors import UserError
 
 
-def job(tmp_path, ds: dict | str | None, *, hook: str = "dgc", **run) -> JobConfig:
+def job(
+    tmp_path, ds: dict | str | None, *, hook: str = "dgc", bn_l1: float = 0.0, **run
+) -> JobConfig:
     path = ""
     if ds is not None:
         f = tmp_path / "ds.json"
@@ -19,6 +22,7 @@ def job(tmp_path, ds: dict | str | None, *, hook: str = "dgc", **run) -> JobConf
         run=RunConfig(**run),
         data=DataConfig(batch_size=64),
         comm=CommConfig(hook=hook),
+        optim=OptimConfig(bn_l1=bn_l1),
         engine=EngineConfig(name="deepspeed", deepspeed_config=path),
     )
 
@@ -47,12 +51,32 @@ def test_the_job_fills_in_batches_and_clipping(tmp_path):
         ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, "dgc", "overlap_comm = false"),
         ({"zero_optimization": {"stage": 1, "contiguous_gradients": False}}, "dgc",
          "contiguous_gradients = true"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "allreduce",
+         "offload_param needs stage 3"),
+        ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "dgc",
+         "offload_optimizer needs stage 1-3"),
     ],
 )  # fmt: skip
 def test_what_contradicts_the_job_is_one_line(tmp_path, ds, hook, message):
     with pytest.raises(UserError, match=None) as e:
         deepspeed_config(job(tmp_path, ds, hook=hook), micro_batch=32)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_network_slimming_is_refused_under_zero3(tmp_path):
+    cfg = job(tmp_path, {"zero_optimization": {"stage": 3}}, hook="allreduce", bn_l1=1e-4)
+    with pytest.raises(UserError, match="scales are partitioned"):
+        deepspeed_config(cfg, micro_batch=32)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/deepspeed/*.json")))
+def test_every_shipped_config_merges(tmp_path, path):
+    cfg = job(tmp_path, path.read_text(), hook="allreduce")
+    out = deepspeed_config(cfg, micro_batch=32)
+    assert out["zero_optimization"] == json.loads(path.read_text())["zero_optimization"]
+    offload = any(k.startswith("offload") for k in out["zero_optimization"])
+    # dtrain's torch optimizer runs on the offloaded partition (not DeepSpeed's CPU Adam)
+    assert out.get("zero_force_ds_cpu_optimizer", True) is not offload
 
 
 def test_zero2_with_deepspeeds_own_reduction_is_fine(tmp_path):
